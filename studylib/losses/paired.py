@@ -1,0 +1,158 @@
+"""Paired losses: DPO (baseline), preference MLE and preference distillation (paper 3).
+
+Each takes per-sequence log-probs of the chosen (winner) and rejected (loser) completion of every pair.
+Paper 3's objectives may add ``beta KL(pi || pi_0)``: that term needs samples from the policy (LM) or
+the whole table (toy), so the caller computes a differentiable estimate and passes it as
+``kl_penalty``; the loss adds ``beta * kl_penalty``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from studylib.losses.base import (
+    Loss,
+    LossOutput,
+    check_non_negative,
+    check_positive,
+    check_tensors,
+    paired_metrics,
+)
+
+
+def _add_kl(loss: Tensor, metrics: dict, beta: float, kl_penalty: Tensor | None, name: str) -> Tensor:
+    if beta == 0.0:
+        return loss
+    if kl_penalty is None:
+        raise ValueError(f"{name} has beta={beta} > 0: pass kl_penalty, an estimate of KL(pi || pi_0)")
+    metrics["kl"] = kl_penalty.detach()
+    return loss + beta * kl_penalty
+
+
+class DPO(Loss):
+    """Direct Preference Optimization (Rafailov et al., 2023), TRL's ``sigmoid`` loss.
+
+    ``loss = -log sigmoid(beta ((log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))))``
+
+    Converges to ``pi_ref exp(r/beta)`` only if preferences follow a Bradley-Terry model with reward r.
+    """
+
+    name = "dpo"
+    kind = "paired"
+
+    def __init__(self, beta: float = 0.1) -> None:
+        self.beta = check_positive("beta", beta)
+
+    def __call__(
+        self,
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        reference_chosen_logps: Tensor,
+        reference_rejected_logps: Tensor,
+        **unused: Tensor,
+    ) -> LossOutput:
+        check_tensors(
+            policy_chosen_logps=policy_chosen_logps,
+            policy_rejected_logps=policy_rejected_logps,
+            reference_chosen_logps=reference_chosen_logps,
+            reference_rejected_logps=reference_rejected_logps,
+        )
+        chosen_rewards = self.beta * (policy_chosen_logps - reference_chosen_logps)
+        rejected_rewards = self.beta * (policy_rejected_logps - reference_rejected_logps)
+        loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+        return loss, paired_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+
+
+class PMLE(Loss):
+    """Preference maximum likelihood (Yun et al., "Alignment as Distribution Learning", v2; read).
+
+    ``loss = -log sigmoid(gamma (log pi(y_w) - log pi(y_l))) + beta KL(pi || pi_0)``
+
+    The MLE of the preference model ``P(a > b) = sigmoid(gamma log pi*(a)/pi*(b))``; converges to
+    ``pi*``. No reference enters the data term; ``rewards/*`` metrics use the reference log-probs when
+    given (``gamma`` times the log-ratio), else the policy log-probs. Paper settings: gamma 5e-3,
+    beta 0 (chat).
+    """
+
+    name = "pmle"
+    kind = "paired"
+
+    def __init__(self, gamma: float = 5e-3, beta: float = 0.0) -> None:
+        self.gamma = check_positive("gamma", gamma)
+        self.beta = check_non_negative("beta", beta)
+
+    def __call__(
+        self,
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        reference_chosen_logps: Tensor | None = None,
+        reference_rejected_logps: Tensor | None = None,
+        kl_penalty: Tensor | None = None,
+        **unused: Tensor,
+    ) -> LossOutput:
+        check_tensors(
+            policy_chosen_logps=policy_chosen_logps,
+            policy_rejected_logps=policy_rejected_logps,
+            reference_chosen_logps=reference_chosen_logps,
+            reference_rejected_logps=reference_rejected_logps,
+        )
+        loss = -F.logsigmoid(self.gamma * (policy_chosen_logps - policy_rejected_logps)).mean()
+        ref_c = 0.0 if reference_chosen_logps is None else reference_chosen_logps
+        ref_r = 0.0 if reference_rejected_logps is None else reference_rejected_logps
+        chosen_rewards = self.gamma * (policy_chosen_logps - ref_c)
+        rejected_rewards = self.gamma * (policy_rejected_logps - ref_r)
+        metrics = paired_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+        return _add_kl(loss, metrics, self.beta, kl_penalty, "pmle"), metrics
+
+
+class PreferenceDistillation(Loss):
+    """Preference distillation (Yun et al., "Alignment as Distribution Learning", v2; read).
+
+    A reward model ``R`` fit by Bradley-Terry log-loss gives soft labels ``p = sigmoid(R(y1) - R(y2))``;
+    the policy is fit by soft-label binary cross-entropy on ``z = gamma (log pi(y1) - log pi(y2))``::
+
+        loss = -[p log sigmoid(z) + (1 - p) log sigmoid(-z)] + beta KL(pi || pi_0)
+
+    Pass ``reward_margins = R(y1) - R(y2)`` (chosen first). Pairs may be data-set pairs (offline) or
+    fresh samples from the policy (online, as the paper does). Converges to ``pi*``.
+    Defaults: gamma 0.1, beta 0.05.
+    """
+
+    name = "distill"
+    kind = "paired"
+
+    def __init__(self, gamma: float = 0.1, beta: float = 0.05) -> None:
+        self.gamma = check_positive("gamma", gamma)
+        self.beta = check_non_negative("beta", beta)
+
+    def __call__(
+        self,
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        reference_chosen_logps: Tensor | None = None,
+        reference_rejected_logps: Tensor | None = None,
+        reward_margins: Tensor | None = None,
+        kl_penalty: Tensor | None = None,
+        **unused: Tensor,
+    ) -> LossOutput:
+        if reward_margins is None:
+            raise ValueError("distill needs reward_margins = R(y1) - R(y2) from a reward model (keyword argument)")
+        check_tensors(
+            policy_chosen_logps=policy_chosen_logps,
+            policy_rejected_logps=policy_rejected_logps,
+            reward_margins=reward_margins,
+            reference_chosen_logps=reference_chosen_logps,
+            reference_rejected_logps=reference_rejected_logps,
+        )
+        target = torch.sigmoid(reward_margins.detach())
+        logits = self.gamma * (policy_chosen_logps - policy_rejected_logps)
+        loss = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
+        ref_c = 0.0 if reference_chosen_logps is None else reference_chosen_logps
+        ref_r = 0.0 if reference_rejected_logps is None else reference_rejected_logps
+        chosen_rewards = self.gamma * (policy_chosen_logps - ref_c)
+        rejected_rewards = self.gamma * (policy_rejected_logps - ref_r)
+        metrics = paired_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+        metrics["targets/mean"] = target.mean()
+        return _add_kl(loss, metrics, self.beta, kl_penalty, "distill"), metrics
