@@ -1,0 +1,42 @@
+"""Command line: ``python -m studylib study --profile cpu`` (see ``studies/`` for the profiles)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from studylib.study import StudyError, load_study, run_study
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="studylib", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    study = commands.add_parser("study", help="execute every notebook of a study profile with papermill")
+    study.add_argument("--profile", default="cpu", help="studies/<profile>.yaml: smoke, cpu (default) or paper")
+    study.add_argument("--results-dir", default=None, help="where results go (default: the profile's)")
+    study.add_argument("--force", action="store_true", help="re-run notebooks that already completed")
+    study.add_argument("--only", default=None, help="run only the runs whose name contains this text")
+    study.add_argument("--no-html", action="store_true", help="skip the HTML export of executed notebooks")
+    study.add_argument("--list", action="store_true", help="validate the config and list its runs; execute nothing")
+    args = parser.parse_args(argv)
+    try:
+        if args.list:
+            header, runs = load_study(args.profile, args.results_dir)
+            print(f"profile {header['profile']}: {len(runs)} runs -> {header['results_dir']}")
+            for run in runs:
+                print(f"  {run.name}: {run.parameters}")
+            return 0
+        start = time.time()
+        executed = run_study(
+            args.profile, results_dir=args.results_dir, force=args.force, only=args.only, html=not args.no_html
+        )
+        print(f"study {args.profile}: executed {len(executed)} notebook(s) in {time.time() - start:.0f} s")
+        return 0
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""One language-model run, step by step: load, data, train, evaluate, save (notebook 04 calls these).
+
+The steps are plain functions so a notebook can tell the story between them and a script can call
+``run_experiment`` for the whole thing (``python -m studylib train --params run.json``, which
+``accelerate launch`` can start on several GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from studylib.lm.annotators import AnnotatorPool
+from studylib.lm.data import load_named, paired_to_unpaired, tokenize_paired, tokenize_unpaired
+from studylib.losses import get_loss
+
+PAIRED_DATASETS = ("ufb",)
+UNPAIRED_DATASETS = ("ufg", "mix14k")
+
+
+@dataclass
+class ExperimentConfig:
+    """Every knob of one run; notebook 04's parameters cell mirrors these."""
+
+    model: str = "smollm2-135m-instruct"  # embedded default, "tiny" (tests), a hub id or a local path
+    dataset: str = "offline"  # offline | ufg | mix14k | ufb
+    dataset_path: str | None = None  # local files in the hub schema instead of the hub
+    loss: str = "rdro"
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    learning_rate: float = 5e-4
+    max_steps: int = 20
+    num_train_epochs: float = 1.0
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.1
+    use_lora: bool = True
+    lora_r: int = 16
+    seed: int = 0
+    max_length: int = 192
+    max_prompt_length: int = 96
+    max_train_rows: int | None = None
+    # offline preference data
+    n_prompts: int = 200
+    completions_per_prompt: int = 4
+    data_max_new_tokens: int = 48
+    data_seed: int = 0
+    # online objectives (reverse_kl, rlhf, online distill) and the reward model they need
+    online: bool = False
+    samples_per_prompt: int = 4
+    prompts_per_step: int = 4
+    reward_epochs: float = 2.0
+    # evaluation
+    eval_prompts: int = 32
+    eval_max_new_tokens: int = 48
+    results_dir: str = "results/lm"
+    run_name: str | None = None
+    sweep: bool = False  # part of a sweep (e.g. RDRO's alpha): kept out of the main table
+
+    def name(self) -> str:
+        """The run's directory name: data set, loss, its knobs and seed."""
+        if self.run_name:
+            return self.run_name
+        knobs = "".join(f"-{k}={v}" for k, v in sorted(self.loss_kwargs.items()))
+        return f"{self.dataset}-{self.loss}{knobs}{'-online' if self.online else ''}-seed={self.seed}"
+
+    def run_dir(self) -> Path:
+        return Path(self.results_dir) / self.name()
+
+
+@dataclass
+class PreferenceData:
+    """Training data in canonical form, evaluation prompts, and what to report about them."""
+
+    unpaired: Any  # datasets.Dataset or None
+    paired: Any  # datasets.Dataset or None
+    eval_prompts: list
+    preferred_fraction: float | None
+    description: dict
+
+
+def load_policy(config: ExperimentConfig):
+    """The starting model and its tokenizer (the reference is this model, frozen)."""
+    if config.model == "tiny":
+        from studylib.lm.tiny import tiny_model, tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        return tiny_model(tokenizer, seed=config.seed), tokenizer
+    from studylib.lm.models import load_model
+
+    return load_model(config.model)
+
+
+def load_preferences(config: ExperimentConfig, model, tokenizer, pool: AnnotatorPool) -> PreferenceData:
+    """The run's preference data: the offline set (sampled from ``model``) or a hub / local data set."""
+    if config.dataset == "offline":
+        from studylib.lm.synth import build_offline_preferences
+
+        data = build_offline_preferences(
+            model,
+            tokenizer,
+            model_name=config.model,
+            n_prompts=config.n_prompts,
+            completions_per_prompt=config.completions_per_prompt,
+            max_new_tokens=config.data_max_new_tokens,
+            seed=config.data_seed,
+            pool=pool,
+        )
+        eval_prompts = data.eval_prompts[: config.eval_prompts]
+        description = {"source": "offline", **data.stats, "preferred_fraction": data.preferred_fraction}
+        return PreferenceData(
+            data.unpaired_train, data.paired_train, eval_prompts, data.preferred_fraction, description
+        )
+    limit = config.max_train_rows
+    train = load_named(config.dataset, "train", path=config.dataset_path, limit=limit, drop_empty=True)
+    test = load_named(config.dataset, "test", path=config.dataset_path, limit=config.eval_prompts, drop_empty=True)
+    eval_prompts = list(test["prompt"])
+    if config.dataset in PAIRED_DATASETS:
+        paired, unpaired = train, paired_to_unpaired(train)
+    else:
+        paired, unpaired = None, train
+    fraction = sum(unpaired["label"]) / len(unpaired)
+    description = {"source": config.dataset_path or config.dataset, "rows": len(train), "preferred_fraction": fraction}
+    return PreferenceData(unpaired, paired, eval_prompts, fraction, description)
+
+
+def oracle_reward_margins(pool: AnnotatorPool, paired, clip: float = 0.02) -> list[float]:
+    """``logit P(chosen beats rejected)`` under the annotator pool, clipped to [clip, 1 - clip]."""
+    margins = []
+    for row in paired:
+        prompt = row["prompt"][-1]["content"]
+        p = min(max(pool.prefer(prompt, row["chosen"], row["rejected"]), clip), 1 - clip)
+        margins.append(math.log(p / (1 - p)))
+    return margins
+
+
+def training_rows(config: ExperimentConfig, data: PreferenceData, tokenizer, reward_margins=None) -> tuple[list, dict]:
+    """Token rows for the loss's kind, and the tokenisation counts (truncations) to report."""
+    kind = get_loss(config.loss, **{k: v for k, v in config.loss_kwargs.items() if v != "auto"}).kind
+    if kind == "paired":
+        if data.paired is None:
+            raise ValueError(f"{config.loss} needs paired data; {config.dataset!r} is unpaired (use offline or ufb)")
+        rows, counts = tokenize_paired(data.paired, tokenizer, config.max_length, config.max_prompt_length)
+        if reward_margins is not None:
+            for row, margin in zip(rows, reward_margins, strict=True):
+                row["reward_margin"] = float(margin)
+    else:
+        rows, counts = tokenize_unpaired(data.unpaired, tokenizer, config.max_length, config.max_prompt_length)
+    return rows, counts
+
+
+def train_offline(config: ExperimentConfig, model, tokenizer, rows: list[dict]):
+    """Train with the offline trainer; returns (trained policy, per-step log history)."""
+    from studylib.lm.trainer import TrainConfig, train
+
+    train_config = TrainConfig(
+        output_dir=str(config.run_dir() / "checkpoints"),
+        loss=config.loss,
+        loss_kwargs=dict(config.loss_kwargs),
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        warmup_ratio=config.warmup_ratio,
+        use_lora=config.use_lora,
+        lora_r=config.lora_r,
+        lora_alpha=2 * config.lora_r,
+        seed=config.seed,
+        save_steps=max(10, config.max_steps // 2) if config.max_steps > 0 else 200,
+    )
+    trainer = train(model, tokenizer, rows, train_config)
+    return trainer.model, [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def curves_frame(history: list[dict]) -> pd.DataFrame:
+    """The per-step log as a table (one row per logged step)."""
+    frame = pd.DataFrame(history)
+    return frame.sort_values("step").reset_index(drop=True) if "step" in frame else frame
+
+
+def save_run(config: ExperimentConfig, summary: dict, curves: pd.DataFrame, samples: pd.DataFrame, extra: dict) -> Path:
+    """Write ``metrics.json``, ``curves.csv`` and ``samples.csv`` into the run's directory (atomically)."""
+    from studylib.results import write_atomic
+
+    run_dir = config.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {**summary, **extra, "params": {**asdict(config), "run": config.name()}}
+    write_atomic(run_dir / "curves.csv", curves.to_csv(index=False))
+    write_atomic(run_dir / "samples.csv", samples.to_csv(index=False))
+    write_atomic(run_dir / "metrics.json", json.dumps(record, indent=2, default=str))
+    return run_dir
+
+
+def timed(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` and the seconds it took."""
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start

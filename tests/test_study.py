@@ -1,0 +1,124 @@
+"""The study runner: configs validate, runs expand, completed runs skip, failures are kept and named."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from studylib import study
+from studylib.__main__ import main
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "paper"])
+def test_shipped_profiles_load_and_validate(profile):
+    header, runs = study.load_study(profile)
+    assert header["profile"] == profile
+    names = {r.notebook for r in runs}
+    assert {"01_density_ratio", "02_consistency", "03_stability", "04_lm_alignment", "05_report"} <= names
+    assert runs[-1].notebook == "05_report"  # the report gathers everything, so it runs last
+    lm = [r for r in runs if r.notebook == "04_lm_alignment"]
+    assert len({r.name for r in lm}) == len(lm)
+    assert all("{" not in str(v) for r in runs for v in r.parameters.values())  # placeholders filled
+
+
+def test_paper_profile_uses_hub_models_and_paper_settings():
+    _, runs = study.load_study("paper")
+    lm = [r.parameters for r in runs if r.notebook == "04_lm_alignment"]
+    assert {p["model"] for p in lm} >= {"Qwen/Qwen2.5-1.5B-Instruct"}
+    assert {p["dataset"] for p in lm} >= {"ufg", "mix14k"}
+    rdro_ufg = [p for p in lm if p["loss"] == "rdro" and p["dataset"] == "ufg" and not p.get("sweep")]
+    assert rdro_ufg and all(p["learning_rate"] == 5e-7 and p["loss_kwargs"]["alpha"] == 0.39 for p in rdro_ufg)
+
+
+def write_notebook(path, source):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("fail = False\nout = ''")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(source)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch):
+    notebooks, studies = tmp_path / "notebooks", tmp_path / "studies"
+    notebooks.mkdir()
+    studies.mkdir()
+    write_notebook(
+        notebooks / "job.ipynb",
+        "import pathlib\nif fail:\n    raise RuntimeError('boom on purpose')\npathlib.Path(out).write_text('ran')",
+    )
+    monkeypatch.setattr(study, "NOTEBOOKS", notebooks)
+    monkeypatch.setattr(study, "STUDIES", studies)
+    return tmp_path
+
+
+def write_profile(sandbox, runs):
+    (sandbox / "studies" / "t.yaml").write_text(json.dumps({"profile": "t", "runs": runs}))
+
+
+def test_runs_skip_when_done_and_rerun_with_force(sandbox):
+    out = sandbox / "marker.txt"
+    write_profile(sandbox, [{"notebook": "job", "grid": {"out": [str(out)]}}])
+    results = sandbox / "results"
+    executed = study.run_study("t", results_dir=results, html=False)
+    assert executed == [f"job-out={str(out).replace('/', '-')}"]
+    assert out.read_text() == "ran"
+    executed_nb = nbformat.read(results / "notebooks" / f"{executed[0]}.ipynb", as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed_nb.cells)
+    out.unlink()
+    assert study.run_study("t", results_dir=results, html=False) == []  # skipped
+    assert not out.exists()
+    assert study.run_study("t", results_dir=results, html=False, force=True) == executed
+    assert out.exists()
+
+
+def test_failing_notebook_is_kept_and_named(sandbox):
+    ok = sandbox / "ok.txt"
+    write_profile(
+        sandbox,
+        [
+            {"notebook": "job", "name": "bad", "parameters": {"fail": True}},
+            {"notebook": "job", "name": "good", "parameters": {"out": str(ok)}},
+        ],
+    )
+    with pytest.raises(study.StudyError, match=r"(?s)1 notebook\(s\) failed.*bad \(job.ipynb\): RuntimeError: boom on purpose"):
+        study.run_study("t", results_dir=sandbox / "results", html=False)
+    assert ok.read_text() == "ran"  # the other run still ran
+    failed = sandbox / "results" / "notebooks" / "bad.failed.ipynb"
+    assert "boom on purpose" in failed.read_text()
+    assert not (sandbox / "results" / "notebooks" / "bad.done").exists()
+    assert main(["study", "--profile", "t", "--results-dir", str(sandbox / "results"), "--no-html"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("runs", "message"),
+    [
+        ([{"notebook": "missing"}], "notebooks/missing.ipynb does not exist"),
+        ([{"name": "x"}], "needs 'notebook'"),
+        ([{"notebook": "job", "grid": {"method": [{"loss": "dpo"}]}}], "need a 'name'"),
+        ([{"notebook": "job"}, {"notebook": "job"}], "run names repeat"),
+    ],
+)
+def test_bad_configs_fail_clearly(sandbox, runs, message):
+    write_profile(sandbox, runs)
+    with pytest.raises(study.StudyError, match=message):
+        study.load_study("t")
+
+
+def test_unknown_profile_lists_known_ones(sandbox):
+    write_profile(sandbox, [{"notebook": "job"}])
+    with pytest.raises(study.StudyError, match="no study profile 'nope'.*known profiles: t"):
+        study.load_study("nope")
+
+
+def test_method_bundles_set_parameters_together(sandbox):
+    write_profile(
+        sandbox,
+        [{"notebook": "job", "grid": {"method": [{"name": "a", "out": "x", "fail": False}], "seed": [0, 1]}}],
+    )
+    _, runs = study.load_study("t")
+    assert [r.name for r in runs] == ["job-method=a-seed=0", "job-method=a-seed=1"]
+    assert runs[0].parameters == {"out": "x", "fail": False, "seed": 0}
