@@ -45,7 +45,10 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
     for path in sorted(Path(root).glob("**/metrics.json")):
         record = json.loads(path.read_text())
         params = record.pop("params", {})
-        alpha = params.get("loss_kwargs", {}).get("alpha") if isinstance(params.get("loss_kwargs"), dict) else None
+        knobs = params.get("loss_kwargs") if isinstance(params.get("loss_kwargs"), dict) else {}
+        alpha = knobs.get("alpha")
+        if alpha == "auto":  # RDRO's prescription: the training set's preferred fraction
+            alpha = record.get("data", {}).get("preferred_fraction")
         rows.append({"run": path.parent.name, "run_dir": str(path.parent), "alpha": alpha, **params, **record})
     if not rows:
         raise FileNotFoundError(f"no metrics.json under {root}: run the LM notebooks (04) first")

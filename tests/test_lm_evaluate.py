@@ -55,7 +55,10 @@ def test_evaluate_tiny_model_end_to_end():
     policy = tiny_model(tokenizer, seed=1)  # a different model: KL is not zero
     prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(5)]
     summary, samples = evaluate(policy, tokenizer, prompts, LengthJudge(), reference=reference, max_new_tokens=6)
-    expected_wins = [LengthJudge().prefer("", a, b) for a, b in zip(samples["completion"], samples["reference_completion"])]
+    expected_wins = [
+        LengthJudge().prefer("", a, b)
+        for a, b in zip(samples["completion"], samples["reference_completion"], strict=True)
+    ]
     assert samples["win"].tolist() == expected_wins
     assert summary["win_rate"] == pytest.approx(sum(expected_wins) / 5)
     # the KL estimate is the mean log-ratio of the policy's own samples, recomputed independently here

@@ -84,7 +84,9 @@ def test_failing_notebook_is_kept_and_named(sandbox):
             {"notebook": "job", "name": "good", "parameters": {"out": str(ok)}},
         ],
     )
-    with pytest.raises(study.StudyError, match=r"(?s)1 notebook\(s\) failed.*bad \(job.ipynb\): RuntimeError: boom on purpose"):
+    with pytest.raises(
+        study.StudyError, match=r"(?s)1 notebook\(s\) failed.*bad \(job.ipynb\): RuntimeError: boom on purpose"
+    ):
         study.run_study("t", results_dir=sandbox / "results", html=False)
     assert ok.read_text() == "ran"  # the other run still ran
     failed = sandbox / "results" / "notebooks" / "bad.failed.ipynb"

@@ -54,7 +54,7 @@ class ExperimentConfig:
     online: bool = False
     samples_per_prompt: int = 4
     prompts_per_step: int = 4
-    reward_epochs: float = 2.0
+    reward_epochs: float = 1.0
     # evaluation
     eval_prompts: int = 32
     eval_max_new_tokens: int = 48
@@ -176,6 +176,128 @@ def train_offline(config: ExperimentConfig, model, tokenizer, rows: list[dict]):
     )
     trainer = train(model, tokenizer, rows, train_config)
     return trainer.model, [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+ONLINE_ONLY = ("reverse_kl", "rlhf")
+NEEDS_REWARD_MODEL = ("reverse_kl", "rlhf", "distill")
+
+
+def _loss_knobs(config: ExperimentConfig) -> dict:
+    return {k: v for k, v in config.loss_kwargs.items() if v != "auto"}
+
+
+def uses_online_trainer(config: ExperimentConfig) -> bool:
+    """On-policy objectives, online distillation, and PMLE / distillation with a KL term (it needs policy samples)."""
+    loss_fn = get_loss(config.loss, **_loss_knobs(config))
+    kl_term = config.loss in ("pmle", "distill") and loss_fn.beta > 0
+    return config.loss in ONLINE_ONLY or config.online or kl_term
+
+
+def reward_model_for(config: ExperimentConfig, model, tokenizer, pair_rows: list[dict]):
+    """A Bradley-Terry reward model fit on the pairs (90% train, 10% held out), cached on disk.
+
+    It belongs to the data, not to the run: it is keyed by the pairs and the model, and fit with
+    ``data_seed``, so every method and seed of a study shares one reward model.
+    """
+    import hashlib
+    import random
+
+    from studylib.lm.models import cache_root
+    from studylib.lm.reward import load_reward_model, reward_accuracy, train_reward_model
+
+    order = list(range(len(pair_rows)))
+    random.Random(config.data_seed).shuffle(order)
+    n_eval = max(1, len(order) // 10)
+    held_out = [pair_rows[i] for i in order[:n_eval]]
+    train_pairs = [pair_rows[i] for i in order[n_eval:]]
+    key = hashlib.sha256(
+        json.dumps([config.model, config.data_seed, config.reward_epochs, config.use_lora, str(pair_rows)]).encode()
+    ).hexdigest()[:16]
+    cache = cache_root() / "reward_models" / f"{config.model.replace('/', '--')}-{key}"
+    if (cache / "reward_model.pt").is_file():
+        reward_model = load_reward_model(model, tokenizer, cache)
+    else:
+        reward_model, _ = train_reward_model(
+            model,
+            tokenizer,
+            train_pairs,
+            epochs=max(1, round(config.reward_epochs)),
+            lr=1e-4 if config.use_lora else 2e-5,
+            batch_size=config.batch_size,
+            use_lora=config.use_lora,
+            lora_r=config.lora_r,
+            lora_alpha=2 * config.lora_r,
+            seed=config.data_seed,
+            output_dir=cache,
+        )
+    info = {"reward_accuracy_held_out": reward_accuracy(reward_model, held_out), "reward_pairs": len(train_pairs)}
+    return reward_model, info
+
+
+def unique_prompt_ids(data: PreferenceData, tokenizer) -> list[list[int]]:
+    """Chat-templated token ids of the distinct training prompts, in first-seen order."""
+    from studylib.lm.data import encode_prompt
+
+    source = data.paired if data.paired is not None else data.unpaired
+    seen: dict[str, list] = {}
+    for messages in source["prompt"]:
+        seen.setdefault(json.dumps(messages), messages)
+    return [encode_prompt(tokenizer, m) for m in seen.values()]
+
+
+def train_policy(config: ExperimentConfig, model, tokenizer, data: PreferenceData, pool: AnnotatorPool):
+    """Train with the method's own procedure; returns (policy, per-step history, what to report).
+
+    - offline methods (dpo, kto, bco, ddro, rdro, pmle without KL): ``studylib.lm.trainer`` on the data set;
+    - distillation: a reward model's soft labels on data-set pairs (or, ``online``, on fresh policy samples);
+    - reverse KL and RLHF: on-policy RLOO against the reward model (``studylib.lm.online``).
+    """
+    info: dict[str, Any] = {"trainer": "online" if uses_online_trainer(config) else "offline"}
+    reward_model = None
+    pair_rows = None
+    if config.loss in NEEDS_REWARD_MODEL or (uses_online_trainer(config) and config.loss == "pmle"):
+        if data.paired is None:
+            raise ValueError(f"{config.loss} needs paired data for its reward model; {config.dataset!r} is unpaired")
+        pair_rows, counts = tokenize_paired(data.paired, tokenizer, config.max_length, config.max_prompt_length)
+        info.update({f"pairs/{k}": v for k, v in counts.items()})
+    if config.loss in NEEDS_REWARD_MODEL:
+        reward_model, reward_info = reward_model_for(config, model, tokenizer, pair_rows)
+        info.update(reward_info)
+    if not uses_online_trainer(config):
+        rows, counts = training_rows(config, data, tokenizer)
+        info.update({f"rows/{k}": v for k, v in counts.items()})
+        policy, history = train_offline(config, model, tokenizer, rows)
+        return policy, history, info
+    from studylib.lm.online import OnlineConfig, train_online
+    from studylib.lm.reward import attach_reward_margins
+
+    if config.loss == "distill" and not config.online:
+        pair_rows = attach_reward_margins(reward_model, pair_rows)
+    online_config = OnlineConfig(
+        loss=config.loss,
+        loss_kwargs=_loss_knobs(config),
+        steps=config.max_steps,
+        prompts_per_step=config.prompts_per_step,
+        samples_per_prompt=config.samples_per_prompt,
+        max_new_tokens=config.data_max_new_tokens,
+        learning_rate=config.learning_rate,
+        use_lora=config.use_lora,
+        lora_r=config.lora_r,
+        lora_alpha=2 * config.lora_r,
+        seed=config.seed,
+        output_dir=str(config.run_dir() / "checkpoints"),
+        save_steps=max(10, config.max_steps // 2),
+    )
+    offline_pairs = config.loss == "pmle" or (config.loss == "distill" and not config.online)
+    policy, history = train_online(
+        model,
+        tokenizer,
+        unique_prompt_ids(data, tokenizer),
+        reward_model.score if reward_model is not None else None,
+        online_config,
+        pair_rows=pair_rows if offline_pairs else None,
+    )
+    return policy, history, info
 
 
 def curves_frame(history: list[dict]) -> pd.DataFrame:

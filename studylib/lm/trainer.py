@@ -271,6 +271,9 @@ def build_loss(config: TrainConfig, rows: list[dict]) -> Loss:
     probe = get_loss(config.loss, **{k: v for k, v in knobs.items() if v != "auto"})
     if probe.kind == "unpaired":
         fraction = sum(bool(r["label"]) for r in rows) / len(rows)
+        if not 0.0 < fraction < 1.0:
+            which = "preferred" if fraction == 1.0 else "non-preferred"
+            raise ValueError(f"{config.loss} needs both classes, but every one of the {len(rows)} rows is {which}")
         if knobs.get("alpha") == "auto":
             knobs["alpha"] = fraction
         if hasattr(probe, "preferred_fraction") and knobs.get("preferred_fraction") is None:
