@@ -113,13 +113,17 @@ def test_cached_reference_logps_equal_recomputed(tmp_path, tokenizer):
 
 def test_class_fraction_comes_from_whole_training_set(tmp_path, tokenizer):
     rows = unpaired_rows(tokenizer)[:7]  # 4 preferred, 3 not
-    trainer = build_trainer(tiny_model(tokenizer), tokenizer, rows, config(tmp_path, "rdro", loss_kwargs={"alpha": "auto"}))
+    trainer = build_trainer(
+        tiny_model(tokenizer), tokenizer, rows, config(tmp_path, "rdro", loss_kwargs={"alpha": "auto"})
+    )
     assert trainer.loss_fn.preferred_fraction == pytest.approx(4 / 7)
     assert trainer.loss_fn.alpha == pytest.approx(4 / 7)
 
 
 def test_kto_mismatched_pairs_shift_completions(tokenizer):
-    rows = [{"prompt_ids": [5, 6], "completion_ids": [10 + i, 2], "label": i % 2 == 0, "ref_logps": 0.0} for i in range(3)]
+    rows = [
+        {"prompt_ids": [5, 6], "completion_ids": [10 + i, 2], "label": i % 2 == 0, "ref_logps": 0.0} for i in range(3)
+    ]
     batch = AlignmentCollator(pad_id=0, kind="unpaired", mismatched_pairs=True)(rows)
     assert batch["kl_input_ids"][:, 2].tolist() == [12, 10, 11]
     assert batch["kl_completion_mask"][0].tolist() == [0, 0, 1, 1]

@@ -1,0 +1,231 @@
+"""A Bradley-Terry reward model on the reference backbone: train, score, attach margins to pairs.
+
+``R(x, y)`` is a linear head on the last hidden state of the reference model's base transformer at the
+last token of ``x + y`` (the completion's EOS). It is fit on pairs ``(x, y_w, y_l)`` by the Bradley-Terry
+log-loss (standard; paper 3 uses it for preference distillation)::
+
+    loss = -log sigmoid(R(x, y_w) - R(x, y_l))
+
+The reward model is built on a **copy** of the backbone, so the policy model passed in is never modified.
+With ``use_lora=True`` the copy gets LoRA adapters (plus the trainable head) and they are merged after
+training, so the returned model is always a plain backbone with a head.
+
+>>> rm, history = train_reward_model(model, tokenizer, train_pairs, epochs=2)
+>>> reward_accuracy(rm, test_pairs)
+>>> rows = attach_reward_margins(rm, train_pairs)   # 'reward_margin' for the offline distill trainer
+>>> rewards = rm.score(prompt_ids, completion_ids)   # a reward_fn for studylib.lm.online
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from studylib.lm.batching import pad_sequences
+from studylib.lm.trainer import LORA_TARGETS
+
+
+class RewardModel(nn.Module):
+    """Scalar reward ``R(x, y)``: ``backbone`` (a base transformer, e.g. ``LlamaModel``) then ``Linear(hidden, 1)``.
+
+    The reward of a row is the head applied to the final hidden state of its last non-pad token.
+    """
+
+    def __init__(self, backbone: nn.Module, hidden_size: int, pad_id: int, seed: int = 0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1)
+        self.pad_id = pad_id
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(1, hidden_size, generator=generator) / math.sqrt(hidden_size))
+            self.head.bias.zero_()
+
+    @classmethod
+    def from_causal_lm(cls, model: PreTrainedModel, pad_id: int, seed: int = 0) -> RewardModel:
+        """A reward model on a deep copy of ``model.base_model`` (the base transformer); ``model`` is untouched."""
+        if getattr(model, "peft_config", None):
+            raise ValueError("pass the plain reference model, not a PEFT-wrapped policy")
+        backbone = copy.deepcopy(model.base_model)
+        device = next(model.parameters()).device
+        return cls(backbone, model.config.hidden_size, pad_id, seed).to(device)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Rewards (float32, one per row) of a right-padded batch."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        last = attention_mask.sum(dim=1) - 1
+        if (last < 0).any():
+            raise ValueError("a row of the batch is all padding")
+        final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(final.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def rewards(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> Tensor:
+        """Rewards of (prompt, completion) token rows, as one padded batch (gradients flow if enabled)."""
+        device = self.head.weight.device
+        batch = pad_sequences(prompts, completions, self.pad_id)
+        return self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+
+    @torch.no_grad()
+    def score(
+        self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], batch_size: int = 16
+    ) -> Tensor:
+        """Rewards of many rows on CPU, in eval mode and batches: usable as ``reward_fn`` in ``studylib.lm.online``."""
+        was_training = self.training
+        self.eval()
+        out = [
+            self.rewards(prompts[i : i + batch_size], completions[i : i + batch_size]).cpu()
+            for i in range(0, len(prompts), batch_size)
+        ]
+        self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+def score(
+    reward_model: RewardModel,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    batch_size: int = 16,
+) -> Tensor:
+    """``R(x, y)`` for each (prompt, completion) row (no gradients): ``reward_model.score``."""
+    return reward_model.score(prompt_ids, completion_ids, batch_size)
+
+
+def _pair_margins(reward_model: RewardModel, rows: Sequence[dict], batch_size: int) -> Tensor:
+    prompts = [r["prompt_ids"] for r in rows]
+    chosen = reward_model.score(prompts, [r["chosen_ids"] for r in rows], batch_size)
+    rejected = reward_model.score(prompts, [r["rejected_ids"] for r in rows], batch_size)
+    return chosen - rejected
+
+
+def reward_accuracy(reward_model: RewardModel, pair_rows: Sequence[dict], batch_size: int = 16) -> float:
+    """Fraction of pairs with ``R(x, y_w) > R(x, y_l)`` (ties count as wrong)."""
+    if not pair_rows:
+        raise ValueError("no pairs to score")
+    return float((_pair_margins(reward_model, pair_rows, batch_size) > 0).float().mean())
+
+
+def attach_reward_margins(reward_model: RewardModel, pair_rows: Sequence[dict], batch_size: int = 16) -> list[dict]:
+    """Copies of the pairs with ``reward_margin = R(x, y_w) - R(x, y_l)``: the soft labels of offline distill."""
+    margins = _pair_margins(reward_model, pair_rows, batch_size)
+    return [{**r, "reward_margin": float(m)} for r, m in zip(pair_rows, margins, strict=True)]
+
+
+def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+    """``mean -log sigmoid(R(x, y_w) - R(x, y_l))``."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+
+
+def _add_lora(backbone: nn.Module, lora_r: int, lora_alpha: int) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in backbone.named_modules()}
+    targets = [m for m in LORA_TARGETS if m in present]
+    if not targets:
+        raise ValueError(f"none of the LoRA target modules {LORA_TARGETS} exist in the backbone")
+    return get_peft_model(
+        backbone, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets)
+    )
+
+
+def train_reward_model(
+    model: PreTrainedModel,
+    tokenizer,
+    pair_rows: Sequence[dict],
+    *,
+    eval_rows: Sequence[dict] | None = None,
+    epochs: int = 1,
+    lr: float = 1e-4,
+    batch_size: int = 8,
+    use_lora: bool = False,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    max_grad_norm: float = 10.0,
+    seed: int = 0,
+    output_dir: str | Path | None = None,
+) -> tuple[RewardModel, list[dict]]:
+    """Fit a Bradley-Terry reward model on a copy of ``model``'s backbone; ``model`` is not modified.
+
+    ``pair_rows``: dicts with ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (completions end with EOS).
+    AdamW (no weight decay), constant ``lr``, shuffled minibatches (seeded). History: one entry per step
+    (``step``, ``epoch``, ``loss``, ``accuracy``, ``grad_norm``) and, with ``eval_rows``, one per epoch with
+    ``eval_accuracy``. With ``output_dir``, writes ``reward_model.pt`` (state dict) and ``reward_history.json``.
+    Returns the reward model in eval mode with frozen parameters (LoRA merged).
+    """
+    if not pair_rows:
+        raise ValueError("no training pairs")
+    missing = [k for k in ("prompt_ids", "chosen_ids", "rejected_ids") if k not in pair_rows[0]]
+    if missing:
+        raise ValueError(f"reward model training needs paired rows; the rows lack {missing}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    reward_model = RewardModel.from_causal_lm(model, pad_id, seed)
+    reward_model.backbone.requires_grad_(True)
+    if use_lora:
+        with torch.random.fork_rng(devices=[]):  # seeded adapter init, global RNG untouched
+            torch.manual_seed(seed)
+            reward_model.backbone = _add_lora(reward_model.backbone, lora_r, lora_alpha)
+    reward_model.train()
+    params = [p for p in reward_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    order = random.Random(seed)
+    history: list[dict] = []
+    step = 0
+    for epoch in range(epochs):
+        indices = list(range(len(pair_rows)))
+        order.shuffle(indices)
+        for start in tqdm(range(0, len(indices), batch_size), desc=f"reward model epoch {epoch + 1}", leave=False):
+            rows = [pair_rows[i] for i in indices[start : start + batch_size]]
+            prompts = [r["prompt_ids"] for r in rows]
+            rewards = reward_model.rewards(
+                prompts + prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+            )
+            chosen, rejected = rewards.chunk(2)
+            loss = bradley_terry_loss(chosen, rejected)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            step += 1
+            history.append(
+                {
+                    "step": step,
+                    "epoch": epoch + (start + len(rows)) / len(indices),
+                    "loss": loss.item(),
+                    "accuracy": (chosen > rejected).float().mean().item(),
+                    "grad_norm": grad_norm.item(),
+                }
+            )
+        if eval_rows:
+            history.append(
+                {"step": step, "epoch": epoch + 1, "eval_accuracy": reward_accuracy(reward_model, eval_rows)}
+            )
+    if use_lora:
+        reward_model.backbone = reward_model.backbone.merge_and_unload()
+    reward_model.eval().requires_grad_(False)
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(reward_model.state_dict(), out / "reward_model.pt")
+        (out / "reward_history.json").write_text(json.dumps(history, indent=2))
+    return reward_model, history
+
+
+def load_reward_model(model: PreTrainedModel, tokenizer, path: str | Path) -> RewardModel:
+    """A reward model saved by ``train_reward_model(output_dir=...)``, rebuilt on a copy of ``model``'s backbone."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    reward_model = RewardModel.from_causal_lm(model, pad_id)
+    path = Path(path)
+    state = torch.load(
+        path / "reward_model.pt" if path.is_dir() else path, map_location=next(model.parameters()).device
+    )
+    reward_model.load_state_dict(state)
+    return reward_model.eval().requires_grad_(False)

@@ -1,0 +1,192 @@
+"""On-policy training on a tiny Llama: every objective trains, LoRA references, resume, unbiased estimators."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from studylib.lm.batching import model_logps, pad_sequences
+from studylib.lm.online import OnlineConfig, OnlineTrainer, kl_estimate, train_online
+from studylib.lm.tiny import tiny_model, tiny_tokenizer
+from studylib.losses import get_loss
+
+WORDS = ["hi", "yo", "ok", "no", "tea", "sun"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def low_byte_reward(prompts, completions) -> torch.Tensor:
+    """Fraction of completion tokens in the lower half of the vocabulary: varies between samples."""
+    return torch.tensor([sum(t < 130 for t in c) / len(c) for c in completions], dtype=torch.float32)
+
+
+def prompts_for(tokenizer) -> list[list[int]]:
+    return [tokenizer.encode(f"Say {w}.", add_special_tokens=False) for w in WORDS]
+
+
+def pairs_for(tokenizer, margins: bool = False) -> list[dict]:
+    eos = tokenizer.eos_token_id
+    rows = []
+    for i, w in enumerate(WORDS):
+        row = {
+            "prompt_ids": tokenizer.encode(f"Say {w}.", add_special_tokens=False),
+            "chosen_ids": tokenizer.encode(f"{w}, friend!", add_special_tokens=False) + [eos],
+            "rejected_ids": tokenizer.encode("No.", add_special_tokens=False) + [eos],
+        }
+        if margins:
+            row["reward_margin"] = 1.0 + 0.1 * i
+        rows.append(row)
+    return rows
+
+
+def config(**overrides) -> OnlineConfig:
+    knobs = {"steps": 3, "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 5}
+    knobs.update({"use_lora": False, "learning_rate": 1e-2})
+    knobs.update(overrides)
+    return OnlineConfig(**knobs)
+
+
+CASES = {
+    "reverse_kl": ({"loss": "reverse_kl"}, False),
+    "rlhf": ({"loss": "rlhf"}, False),
+    "distill_online": ({"loss": "distill"}, False),
+    "distill_dataset_pairs": ({"loss": "distill"}, True),
+    "pmle_with_kl": ({"loss": "pmle", "loss_kwargs": {"gamma": 0.5, "beta": 0.1}}, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_objective_trains_every_parameter(tokenizer, case):
+    knobs, uses_pairs = CASES[case]
+    model = tiny_model(tokenizer, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pairs = pairs_for(tokenizer, margins=True) if uses_pairs else None
+    policy, history = train_online(model, tokenizer, prompts_for(tokenizer), low_byte_reward, config(**knobs), pairs)
+    unchanged = [n for n, p in policy.named_parameters() if torch.equal(p.detach(), before[n])]
+    assert not unchanged, f"{case}: parameters did not change: {unchanged}"
+    assert [e["step"] for e in history] == [1, 2, 3]
+    assert all(math.isfinite(e["loss"]) and math.isfinite(e["grad_norm"]) for e in history)
+    assert "kl" in history[0]  # every case here has a KL term (estimated on policy samples)
+    if not uses_pairs or case == "pmle_with_kl":
+        assert 1 <= history[0]["completions/mean_length"] <= 5
+
+
+def test_lora_reference_is_the_base_model(tokenizer):
+    model = tiny_model(tokenizer, seed=1)
+    cfg = config(use_lora=True, lora_r=4, steps=2)
+    policy, history = train_online(model, tokenizer, prompts_for(tokenizer), low_byte_reward, cfg)
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # adapters start at zero: policy == reference
+    assert history[0]["ratio/max"] == pytest.approx(1.0, abs=1e-5)
+    trained = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert any(p.abs().sum() > 0 for n, p in trained.items() if "lora_B" in n)
+
+
+def test_reverse_kl_raises_the_reward(tokenizer):
+    cfg = config(steps=20, prompts_per_step=4, samples_per_prompt=4, max_new_tokens=4, learning_rate=3e-3)
+    _, history = train_online(tiny_model(tokenizer, seed=0), tokenizer, prompts_for(tokenizer), low_byte_reward, cfg)
+    rewards = [e["rewards/mean"] for e in history]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.1, f"mean reward {first:.3f} -> {last:.3f}"
+
+
+def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, tokenizer):
+    prompts = prompts_for(tokenizer)
+    knobs = {"use_lora": True, "lora_r": 4, "prompts_per_step": 4}  # 4 of 6 prompts: steps cross an epoch
+    straight, straight_history = train_online(
+        tiny_model(tokenizer), tokenizer, prompts, low_byte_reward, config(steps=4, **knobs)
+    )
+    run = config(steps=2, save_steps=2, output_dir=str(tmp_path / "run"), **knobs)
+    train_online(tiny_model(tokenizer), tokenizer, prompts, low_byte_reward, run)
+    assert (tmp_path / "run" / "checkpoint-2" / "state.pt").is_file()
+    run.steps = 4
+    resumed, history = train_online(tiny_model(tokenizer), tokenizer, prompts, low_byte_reward, run)
+    assert [e["step"] for e in history] == [1, 2, 3, 4]
+    assert [e["loss"] for e in history] == pytest.approx([e["loss"] for e in straight_history], rel=1e-5)
+    for (name, p), q in zip(resumed.named_parameters(), straight.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 4
+
+
+def test_bad_inputs_fail_clearly(tokenizer):
+    model = tiny_model(tokenizer)
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        config(samples_per_prompt=1)
+    with pytest.raises(ValueError, match="online loss must be one of"):
+        config(loss="dpo")
+    with pytest.raises(ValueError, match="pmle trains on data-set pairs"):
+        OnlineTrainer(model, tokenizer, prompts_for(tokenizer), None, config(loss="pmle"))
+    with pytest.raises(ValueError, match="lack \\['reward_margin'\\]"):
+        OnlineTrainer(model, tokenizer, None, None, config(loss="distill"), pairs_for(tokenizer))
+    with pytest.raises(ValueError, match="needs reward_fn"):
+        OnlineTrainer(model, tokenizer, prompts_for(tokenizer), None, config(loss="reverse_kl"))
+
+
+# --- unbiasedness by enumeration --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_kl_estimate_is_unbiased_by_enumeration(k):
+    """E over k i.i.d. samples of the estimate's value and gradient equal KL(pi || pi_0) and its gradient."""
+    gen = torch.Generator().manual_seed(k)
+    logits = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    reference = torch.randn(4, generator=gen, dtype=torch.float64).log_softmax(0)
+    logp = logits.log_softmax(0)
+    exact = (logp.exp() * (logp - reference)).sum()
+    (exact_grad,) = torch.autograd.grad(exact, logits, retain_graph=True)
+    value, expected = 0.0, torch.zeros(())
+    for sample in itertools.product(range(4), repeat=k):
+        idx = torch.tensor(sample)
+        weight = logp[idx].sum().exp().detach()
+        expected = expected + weight * kl_estimate(logp[idx], reference[idx], samples_per_prompt=k)
+        value += float(weight * (logp[idx] - reference[idx]).mean().detach())
+    (grad,) = torch.autograd.grad(expected, logits)
+    assert value == pytest.approx(exact.item(), rel=1e-10)
+    torch.testing.assert_close(grad, exact_grad, rtol=1e-9, atol=1e-12)
+    assert exact_grad.abs().max() > 1e-3  # not trivially zero
+
+
+def one_token_lm(seed: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16, pad_token_id=0,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).double()
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "rlhf"])
+def test_lm_rloo_gradient_is_unbiased_by_enumeration(loss):
+    """One-token completions over a 6-token vocabulary: E over all ordered pairs of the RLOO surrogate's gradient
+    (through the LM's parameters, via pad_sequences/model_logps) equals the exact gradient of J."""
+    policy, reference = one_token_lm(0), one_token_lm(1)
+    loss_fn = get_loss(loss, gamma=0.2, beta=0.3) if loss == "reverse_kl" else get_loss(loss, beta=0.3)
+    prompt, vocab = [3, 4, 5], list(range(6))
+    batch = pad_sequences([prompt] * 6, [[y] for y in vocab], pad_id=0)
+    logp = model_logps(policy, batch)
+    with torch.no_grad():
+        ref = model_logps(reference, batch)
+    assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-12)  # all completions enumerated
+    rewards = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.5, -0.5], dtype=torch.float64)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    exact = loss_fn.exact(logp.unsqueeze(0), ref.unsqueeze(0), rewards.unsqueeze(0))
+    exact_grad = torch.autograd.grad(exact, params, retain_graph=True)
+    expected = torch.zeros((), dtype=torch.float64)
+    for i, j in itertools.product(range(6), repeat=2):
+        idx = torch.tensor([i, j])
+        surrogate, _ = loss_fn(logp[idx], ref[idx], rewards[idx], samples_per_prompt=2)
+        expected = expected + (logp[i] + logp[j]).exp().detach() * surrogate
+    grad = torch.autograd.grad(expected, params)
+    scale = max(e.abs().max().item() for e in exact_grad)
+    assert scale > 1e-3  # not trivially zero
+    for g, e in zip(grad, exact_grad, strict=True):  # Llama's RMSNorm runs in float32, hence not 1e-12
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * scale)
