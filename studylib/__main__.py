@@ -19,7 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--only", default=None, help="run only the runs whose name contains this text")
     study.add_argument("--no-html", action="store_true", help="skip the HTML export of executed notebooks")
     study.add_argument("--list", action="store_true", help="validate the config and list its runs; execute nothing")
+    train = commands.add_parser("train", help="one language-model run (notebook 04's steps), e.g. under accelerate")
+    train.add_argument(
+        "--params", required=True, help="JSON file of ExperimentConfig fields (notebook 04's parameters)"
+    )
     args = parser.parse_args(argv)
+    if args.command == "train":
+        return run_training(args.params)
     try:
         if args.list:
             header, runs = load_study(args.profile, args.results_dir)
@@ -36,6 +42,25 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+
+
+def run_training(params_path: str) -> int:
+    """``python -m studylib train --params run.json``: build an ExperimentConfig from JSON and run it."""
+    import dataclasses
+    import json
+
+    from studylib.lm.experiment import ExperimentConfig, run_experiment
+
+    params = json.loads(open(params_path).read())
+    known = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        print(f"error: unknown parameters in {params_path}: {unknown}; known: {sorted(known)}", file=sys.stderr)
+        return 2
+    metrics = run_experiment(ExperimentConfig(**params))
+    if metrics:
+        print(json.dumps({k: metrics[k] for k in ("win_rate", "approval", "kl", "length", "steps")}, indent=2))
+    return 0
 
 
 if __name__ == "__main__":

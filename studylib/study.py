@@ -68,7 +68,10 @@ def load_study(profile: str, results_dir: str | Path | None = None) -> tuple[dic
     results_dir = Path(results_dir or config.get("results_dir", "results"))
     if not results_dir.is_absolute():
         results_dir = ROOT / results_dir
-    context = {"results_dir": str(results_dir), "profile": profile}
+    # notebooks run with the repository root as working directory: keep paths inside it relative, so
+    # executed notebooks and stamps name no machine's paths
+    shown = results_dir.relative_to(ROOT) if results_dir.is_relative_to(ROOT) else results_dir
+    context = {"results_dir": str(shown), "profile": profile}
     runs: list[Run] = []
     for i, spec in enumerate(config["runs"]):
         unknown = set(spec) - {"notebook", "name", "parameters", "grid"}

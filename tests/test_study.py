@@ -20,7 +20,7 @@ def test_shipped_profiles_load_and_validate(profile):
     assert runs[-1].notebook == "05_report"  # the report gathers everything, so it runs last
     lm = [r for r in runs if r.notebook == "04_lm_alignment"]
     assert len({r.name for r in lm}) == len(lm)
-    assert all("{" not in str(v) for r in runs for v in r.parameters.values())  # placeholders filled
+    assert all("{results_dir}" not in json.dumps(r.parameters) for r in runs)  # placeholders filled
 
 
 def test_paper_profile_uses_hub_models_and_paper_settings():
@@ -124,3 +124,30 @@ def test_method_bundles_set_parameters_together(sandbox):
     _, runs = study.load_study("t")
     assert [r.name for r in runs] == ["job-method=a-seed=0", "job-method=a-seed=1"]
     assert runs[0].parameters == {"out": "x", "fail": False, "seed": 0}
+
+
+def test_train_command_runs_one_experiment(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDYLIB_CACHE", str(tmp_path / "cache"))
+    params = {
+        "model": "tiny",
+        "dataset": "ufb",
+        "dataset_path": "tests/fixtures/ufb.jsonl",
+        "loss": "rdro",
+        "loss_kwargs": {"alpha": "auto"},
+        "max_steps": 2,
+        "batch_size": 2,
+        "eval_prompts": 2,
+        "eval_max_new_tokens": 6,
+        "results_dir": str(tmp_path / "lm"),
+    }
+    (tmp_path / "run.json").write_text(json.dumps(params))
+    monkeypatch.chdir(study.ROOT)
+    assert main(["train", "--params", str(tmp_path / "run.json")]) == 0
+    run_dir = tmp_path / "lm" / "ufb-rdro-alpha=auto-seed=0"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["training"]["trainer"] == "offline"
+    outputs = json.loads((run_dir / "model_outputs.json").read_text())  # AlpacaEval format for hub-schema runs
+    assert len(outputs) == 2 and set(outputs[0]) == {"instruction", "output", "generator", "dataset"}
+    assert not (run_dir / "checkpoints").exists()  # deleted once the run is saved
+    (tmp_path / "bad.json").write_text(json.dumps({"modle": "tiny"}))
+    assert main(["train", "--params", str(tmp_path / "bad.json")]) == 2

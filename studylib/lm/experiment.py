@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ class ExperimentConfig:
     eval_prompts: int = 32
     eval_max_new_tokens: int = 48
     results_dir: str = "results/lm"
+    keep_checkpoints: bool = False  # training checkpoints (for resuming) are deleted once the run is saved
     run_name: str | None = None
     sweep: bool = False  # part of a sweep (e.g. RDRO's alpha): kept out of the main table
 
@@ -70,7 +72,14 @@ class ExperimentConfig:
         return f"{self.dataset}-{self.loss}{knobs}{'-online' if self.online else ''}-seed={self.seed}"
 
     def run_dir(self) -> Path:
-        return Path(self.results_dir) / self.name()
+        """Where the run's results go (relative paths: from the repository root)."""
+        from studylib.results import resolve
+
+        return resolve(self.results_dir) / self.name()
+
+    def checkpoint_dir(self) -> Path:
+        """Where training checkpoints go: an interrupted run resumes from them."""
+        return self.run_dir() / "checkpoints"
 
 
 @dataclass
@@ -159,7 +168,7 @@ def train_offline(config: ExperimentConfig, model, tokenizer, rows: list[dict]):
     from studylib.lm.trainer import TrainConfig, train
 
     train_config = TrainConfig(
-        output_dir=str(config.run_dir() / "checkpoints"),
+        output_dir=str(config.checkpoint_dir()),
         loss=config.loss,
         loss_kwargs=dict(config.loss_kwargs),
         learning_rate=config.learning_rate,
@@ -285,7 +294,7 @@ def train_policy(config: ExperimentConfig, model, tokenizer, data: PreferenceDat
         lora_r=config.lora_r,
         lora_alpha=2 * config.lora_r,
         seed=config.seed,
-        output_dir=str(config.run_dir() / "checkpoints"),
+        output_dir=str(config.checkpoint_dir()),
         save_steps=max(10, config.max_steps // 2),
     )
     offline_pairs = config.loss == "pmle" or (config.loss == "distill" and not config.online)
@@ -316,6 +325,14 @@ def save_run(config: ExperimentConfig, summary: dict, curves: pd.DataFrame, samp
     write_atomic(run_dir / "curves.csv", curves.to_csv(index=False))
     write_atomic(run_dir / "samples.csv", samples.to_csv(index=False))
     write_atomic(run_dir / "metrics.json", json.dumps(record, indent=2, default=str))
+    if config.dataset != "offline":  # hub runs: AlpacaEval's format, to score with the official judge
+        from studylib.lm.evaluate import write_alpaca_eval_outputs
+
+        write_alpaca_eval_outputs(
+            run_dir / "model_outputs.json", samples["prompt"].tolist(), samples["completion"].tolist(), config.name()
+        )
+    if not config.keep_checkpoints:
+        shutil.rmtree(config.checkpoint_dir(), ignore_errors=True)
     return run_dir
 
 
@@ -324,3 +341,44 @@ def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
+
+
+def run_experiment(config: ExperimentConfig) -> dict:
+    """The whole run, as notebook 04 does it step by step; returns the saved metrics.
+
+    Under ``accelerate launch`` (several GPUs) every process trains; only the main process evaluates and saves.
+    """
+    from accelerate import PartialState
+
+    from studylib.lm.evaluate import evaluate
+
+    model, tokenizer = load_policy(config)
+    pool = AnnotatorPool(seed=0)
+    data = load_preferences(config, model, tokenizer, pool)
+    (policy, history, info), train_seconds = timed(train_policy, config, model, tokenizer, data, pool)
+    if not PartialState().is_main_process:
+        return {}
+    (summary, samples), eval_seconds = timed(
+        evaluate,
+        policy,
+        tokenizer,
+        data.eval_prompts,
+        pool,
+        max_new_tokens=config.eval_max_new_tokens,
+        seed=config.seed,
+    )
+    curves = curves_frame(history)
+    steps = int(curves["step"].max()) if len(curves) else 0
+    extra = {
+        "loss": config.loss,
+        "dataset": config.dataset,
+        "seed": config.seed,
+        "steps": steps,
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "steps_per_second": steps / max(train_seconds, 1e-9),
+        "data": data.description,
+        "training": info,
+    }
+    save_run(config, summary, curves, samples, extra)
+    return {**summary, **extra}

@@ -1,0 +1,118 @@
+"""Writing results: every file lands atomically and carries a stamp saying what made it.
+
+>>> from studylib.results import save_table, save_figure
+>>> stamp = {"params": {"alpha": 0.3}, "seed": 0}
+>>> save_table(df, "results/toy/t3_slopes", stamp)      # t3_slopes.csv, .md, .json
+>>> save_figure(fig, "results/toy/t3_s1.png", stamp)    # t3_s1.png, t3_s1.png.json
+
+A stamp is a JSON-able mapping; callers should give ``params`` and ``seed`` (not enforced). The helpers add
+``studylib_version``, ``git_commit`` (None outside a git checkout) and ``created`` (UTC). Tables get the stamp in
+a ``.json`` sidecar and as a header of the Markdown file; figures in a ``<name>.json`` sidecar (and in the PNG's
+``Description`` metadata). Relative paths resolve against the repository root (``resolve``), so notebooks write to
+the same place from any working directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import studylib
+
+PACKAGE_PARENT = Path(studylib.__file__).resolve().parent.parent
+
+
+def repo_root() -> Path:
+    """The checkout holding ``studylib/`` (found by its ``pyproject.toml``); the working directory otherwise."""
+    return PACKAGE_PARENT if (PACKAGE_PARENT / "pyproject.toml").exists() else Path.cwd()
+
+
+def resolve(path: str | os.PathLike[str]) -> Path:
+    """``path`` as is if absolute, else relative to ``repo_root()``."""
+    path = Path(path)
+    return path if path.is_absolute() else repo_root() / path
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` via a temporary file in the same folder and ``os.replace``:
+    a reader sees the old file or the new one, never half of one. Creates parent folders. Returns the path."""
+    path = resolve(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True, timeout=10, check=True)
+    return done.stdout.strip()
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit, with ``-dirty`` if tracked files changed; None if unavailable."""
+    try:
+        commit = _git("rev-parse", "HEAD")
+        return commit + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def complete_stamp(stamp: Mapping[str, Any]) -> dict[str, Any]:
+    """The caller's stamp plus ``studylib_version``, ``git_commit`` and ``created`` (kept if already given)."""
+    full = {
+        "studylib_version": studylib.__version__,
+        "git_commit": git_commit(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    full.update(stamp)
+    return full
+
+
+def _json(stamp: Mapping[str, Any]) -> str:
+    return json.dumps(stamp, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def save_table(df: Any, path_stem: str | os.PathLike[str], stamp: Mapping[str, Any]) -> dict[str, Path]:
+    """Write a pandas DataFrame as ``<stem>.csv``, ``<stem>.md`` (the stamp as a header list, then the table) and
+    ``<stem>.json`` (the stamp). Returns the three paths by suffix."""
+    stem = resolve(path_stem)
+    full = complete_stamp(stamp)
+    header = "\n".join(f"- {k}: `{json.dumps(v, default=str)}`" for k, v in sorted(full.items()))
+    table = df.to_markdown(index=False, floatfmt=".4g")
+    return {
+        "csv": write_atomic(stem.with_name(stem.name + ".csv"), df.to_csv(index=False)),
+        "md": write_atomic(
+            stem.with_name(stem.name + ".md"), f"Stamp (also in `{stem.name}.json`):\n\n{header}\n\n{table}\n"
+        ),
+        "json": write_atomic(stem.with_name(stem.name + ".json"), _json(full)),
+    }
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], stamp: Mapping[str, Any], dpi: int = 120) -> dict[str, Path]:
+    """Save a matplotlib figure as PNG at ``path`` and its stamp as ``<path>.json``. Returns both paths."""
+    import io
+
+    path = resolve(path)
+    buffer = io.BytesIO()
+    full = complete_stamp(stamp)
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", metadata={"Description": json.dumps(full)})
+    return {
+        "png": write_atomic(path, buffer.getvalue()),
+        "json": write_atomic(path.with_name(path.name + ".json"), _json(full)),
+    }
