@@ -65,10 +65,14 @@ def _git(*args: str) -> str:
 
 
 def git_commit() -> str | None:
-    """The repository's HEAD commit, with ``-dirty`` if tracked files changed; None if unavailable."""
+    """The repository's HEAD commit, with ``-dirty`` if tracked files outside ``results/`` changed; None if unknown.
+
+    Results being rewritten by a run do not make it dirty: only a change to the code or configs does.
+    """
     try:
         commit = _git("rev-parse", "HEAD")
-        return commit + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+        changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+        return commit + ("-dirty" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return None
 

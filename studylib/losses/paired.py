@@ -31,6 +31,15 @@ def _add_kl(loss: Tensor, metrics: dict, beta: float, kl_penalty: Tensor | None,
     return loss + beta * kl_penalty
 
 
+def _gamma_metrics(
+    gamma: float, policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor | None, ref_rejected: Tensor | None
+) -> dict:
+    """TRL's pair metrics with rewards ``gamma * (log pi - log pi_ref)`` (``gamma * log pi`` without a reference)."""
+    chosen_rewards = gamma * (policy_chosen - (0.0 if ref_chosen is None else ref_chosen))
+    rejected_rewards = gamma * (policy_rejected - (0.0 if ref_rejected is None else ref_rejected))
+    return paired_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+
+
 class DPO(Loss):
     """Direct Preference Optimization (Rafailov et al., 2023), TRL's ``sigmoid`` loss.
 
@@ -99,11 +108,9 @@ class PMLE(Loss):
             reference_rejected_logps=reference_rejected_logps,
         )
         loss = -F.logsigmoid(self.gamma * (policy_chosen_logps - policy_rejected_logps)).mean()
-        ref_c = 0.0 if reference_chosen_logps is None else reference_chosen_logps
-        ref_r = 0.0 if reference_rejected_logps is None else reference_rejected_logps
-        chosen_rewards = self.gamma * (policy_chosen_logps - ref_c)
-        rejected_rewards = self.gamma * (policy_rejected_logps - ref_r)
-        metrics = paired_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+        metrics = _gamma_metrics(
+            self.gamma, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+        )
         return _add_kl(loss, metrics, self.beta, kl_penalty, "pmle"), metrics
 
 
@@ -149,10 +156,8 @@ class PreferenceDistillation(Loss):
         target = torch.sigmoid(reward_margins.detach())
         logits = self.gamma * (policy_chosen_logps - policy_rejected_logps)
         loss = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
-        ref_c = 0.0 if reference_chosen_logps is None else reference_chosen_logps
-        ref_r = 0.0 if reference_rejected_logps is None else reference_rejected_logps
-        chosen_rewards = self.gamma * (policy_chosen_logps - ref_c)
-        rejected_rewards = self.gamma * (policy_rejected_logps - ref_r)
-        metrics = paired_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+        metrics = _gamma_metrics(
+            self.gamma, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+        )
         metrics["targets/mean"] = target.mean()
         return _add_kl(loss, metrics, self.beta, kl_penalty, "distill"), metrics
