@@ -149,3 +149,35 @@ def test_bad_rows_fail_clearly(tmp_path, tokenizer):
         r.pop("reward_margin")
     with pytest.raises(ValueError, match="distill needs rows with reward_margin"):
         build_trainer(tiny_model(tokenizer), tokenizer, rows, config(tmp_path, "distill"))
+
+
+@pytest.mark.parametrize(("loss", "use_lora"), [("dpo", False), ("rdro", True), ("kto", True)])
+def test_on_the_fly_reference_equals_precomputed(tmp_path, tokenizer, loss, use_lora):
+    rows = rows_for(loss, tokenizer)
+    losses = {}
+    for precompute in (True, False):
+        cfg = config(tmp_path / str(precompute), loss, use_lora=use_lora, precompute_reference=precompute)
+        trainer = build_trainer(tiny_model(tokenizer, seed=4), tokenizer, rows, cfg)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # move the policy (not the reference) so that the reference matters
+            for p in trainer.model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        assert ("ref_logps" in batch or "ref_chosen_logps" in batch) == precompute
+        losses[precompute] = trainer.compute_loss(trainer.model, batch).item()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    if loss == "dpo":
+        assert abs(losses[True] - math.log(2)) > 1e-3  # the policy differs from the reference
+
+
+def test_reference_precompute_decision(tmp_path):
+    from studylib.lm.trainer import uses_precomputed_reference
+
+    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=10, batch_size=8)
+    assert not uses_precomputed_reference(cfg, 100)  # 80 rows seen of 100
+    assert uses_precomputed_reference(cfg, 80)
+    cfg.max_steps = -1  # whole epochs
+    assert uses_precomputed_reference(cfg, 10_000)
+    cfg.precompute_reference = False
+    assert not uses_precomputed_reference(cfg, 10)

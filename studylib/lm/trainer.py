@@ -4,7 +4,8 @@
   (prompt, completion, label); KTO's mismatched pairs are built inside the micro-batch by shifting
   completions by one, as TRL does.
 - Reference log-probs of the training rows are computed once, before training, and cached in
-  ``output_dir`` (under LoRA the reference is the base model with its adapters disabled).
+  ``output_dir``; or, for runs shorter than an epoch, on the fly for each batch (under LoRA the reference
+  is the base model with its adapters disabled).
 - Per-class reductions take the preferred fraction of the whole training set.
 - Logs carry TRL's metric names plus ``grad_norm``, ``ratio/max`` and ``guard/activations``.
 - Checkpoints every ``save_steps``; a run in an ``output_dir`` that has one resumes from it.
@@ -58,6 +59,10 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = False
     reference_batch_size: int = 16
+    # reference log-probs: True = once for every training row before training (pays off when the run sees every
+    # row), False = on the fly for each batch (the adapter-disabled base under LoRA; cheaper for short runs),
+    # None = decide: precompute when the run covers at least one epoch
+    precompute_reference: bool | None = None
 
     def training_arguments(self) -> TrainingArguments:
         """transformers' arguments for this run (``warmup_ratio`` as a fraction of the total steps)."""
@@ -112,15 +117,17 @@ class AlignmentCollator:
             batch = pad_sequences(
                 prompts + prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], self.pad_id
             )
-            batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows])
-            batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows])
+            if "ref_chosen_logps" in rows[0]:
+                batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows])
+                batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows])
             if "reward_margin" in rows[0]:
                 batch["reward_margins"] = torch.tensor([float(r["reward_margin"]) for r in rows])
             return batch
         completions = [r["completion_ids"] for r in rows]
         batch = pad_sequences(prompts, completions, self.pad_id)
         batch["labels_preferred"] = torch.tensor([bool(r["label"]) for r in rows])
-        batch["ref_logps"] = torch.tensor([r["ref_logps"] for r in rows])
+        if "ref_logps" in rows[0]:
+            batch["ref_logps"] = torch.tensor([r["ref_logps"] for r in rows])
         if self.mismatched_pairs:
             if len(rows) < 2:
                 raise ValueError("KTO's mismatched pairs need a micro-batch of at least 2 rows")
@@ -154,11 +161,15 @@ class AlignmentTrainer(Trainer):
         logps = model_logps(model, tensors, self.average_logps)
         if kind == "paired":
             chosen, rejected = logps.chunk(2)
+            if "ref_chosen_logps" in inputs:
+                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                ref_chosen, ref_rejected = self._reference_logps(model, tensors).chunk(2)
             loss, metrics = self.loss_fn(
                 chosen,
                 rejected,
-                inputs["ref_chosen_logps"].to(chosen),
-                inputs["ref_rejected_logps"].to(chosen),
+                ref_chosen.to(chosen),
+                ref_rejected.to(chosen),
                 reward_margins=inputs.get("reward_margins"),
             )
         elif kind == "unpaired":
@@ -168,7 +179,8 @@ class AlignmentTrainer(Trainer):
                 with torch.no_grad():
                     extra["policy_kl_logps"] = model_logps(model, kl_batch, self.average_logps)
                 extra["reference_kl_logps"] = self._reference_logps(model, kl_batch)
-            loss, metrics = self.loss_fn(logps, inputs["ref_logps"].to(logps), inputs["labels_preferred"], **extra)
+            reference = inputs["ref_logps"] if "ref_logps" in inputs else self._reference_logps(model, tensors)
+            loss, metrics = self.loss_fn(logps, reference.to(logps), inputs["labels_preferred"], **extra)
         else:
             raise ValueError(
                 f"the trainer does not handle loss kind {kind!r} ({self.loss_fn.name}); see studylib.lm.online"
@@ -281,6 +293,15 @@ def build_loss(config: TrainConfig, rows: list[dict]) -> Loss:
     return get_loss(config.loss, **knobs)
 
 
+def uses_precomputed_reference(config: TrainConfig, n_rows: int) -> bool:
+    """Whether reference log-probs are computed once before training (see ``TrainConfig.precompute_reference``)."""
+    if config.precompute_reference is not None:
+        return config.precompute_reference
+    if config.max_steps <= 0:
+        return True
+    return config.max_steps * config.batch_size * config.gradient_accumulation_steps >= n_rows
+
+
 def build_trainer(model: PreTrainedModel, tokenizer, rows: list[dict], config: TrainConfig) -> AlignmentTrainer:
     """An ``AlignmentTrainer`` ready to train ``model`` on token rows with ``config`` (reference log-probs attached).
 
@@ -309,7 +330,8 @@ def build_trainer(model: PreTrainedModel, tokenizer, rows: list[dict], config: T
         reference_model = copy.deepcopy(model).eval().requires_grad_(False)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(config.output_dir) / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
-    rows = attach_reference_logps(reference_model or policy, rows, loss_fn.kind, pad_id, config)
+    if uses_precomputed_reference(config, len(rows)):
+        rows = attach_reference_logps(reference_model or policy, rows, loss_fn.kind, pad_id, config)
     return AlignmentTrainer(
         model=policy,
         args=config.training_arguments(),
