@@ -116,6 +116,7 @@ def plot_training_curves(runs: pd.DataFrame, seed: int | None = None):
                 ax.plot(curves["step"], curves[column], label=f"{run['loss']} ({run['dataset']})")
     for ax, (_, label) in zip(axes, panels, strict=True):
         ax.set(xlabel="optimizer step", ylabel=label)
+    axes[1].set_yscale("log")
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle("Training curves per method" + ("" if seed is None else f" (seed {seed})"))
