@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from studylib.lm.batching import reference_context, score_sequences
+from studylib.lm.batching import reference_context, sample_new_tokens, score_sequences
 
 Messages = list[dict[str, str]]
 
@@ -63,7 +63,6 @@ def generate(
     """Sample one completion per prompt (left-padded batches); each ends at its EOS, which it keeps."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id
     was_training = model.training
@@ -71,25 +70,15 @@ def generate(
     torch.manual_seed(seed)
     completions: list[list[int]] = []
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc=desc, disable=desc is None):
-        chunk = prompt_ids[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p) :] = torch.tensor(list(p))
-            mask[i, width - len(p) :] = 1
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            do_sample=True,
-            temperature=temperature,
-            top_p=1.0,
-            top_k=0,
+        rows = sample_new_tokens(
+            model,
+            prompt_ids[start : start + batch_size],
+            pad_id=pad_id,
+            eos_id=eos_id,
             max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
+            temperature=temperature,
         )
-        for row in out[:, width:].tolist():
+        for row in rows:
             completions.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
     model.train(was_training)
     return completions

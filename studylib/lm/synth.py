@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from studylib.lm.annotators import AnnotatorPool
+from studylib.lm.batching import sample_new_tokens
 from studylib.lm.data import Messages, encode_prompt
 from studylib.lm.models import cache_root
 
@@ -80,27 +81,17 @@ def sample_completions(
     out: list[tuple[str, bool]] = []
     batches = range(0, len(encoded), batch_size)
     for b, start in enumerate(tqdm(batches, desc="sampling completions", disable=not progress)):
-        chunk = encoded[start : start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for i, ids in enumerate(chunk):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            mask[i, width - len(ids) :] = 1
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
             torch.manual_seed(seed * 1_000_003 + b)
-            generated = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
+            generated = sample_new_tokens(
+                model,
+                encoded[start : start + batch_size],
+                pad_id=pad,
+                eos_id=eos,
                 max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-                eos_token_id=eos,
+                temperature=temperature,
             )
-        for row in generated[:, width:].tolist():
+        for row in generated:
             finished = eos in row
             text = tokenizer.decode(row[: row.index(eos)] if finished else row, skip_special_tokens=True)
             out.append((text.strip(), finished))
