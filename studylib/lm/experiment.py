@@ -8,7 +8,6 @@ The steps are plain functions so a notebook can tell the story between them and 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -138,26 +137,13 @@ def load_preferences(config: ExperimentConfig, model, tokenizer, pool: Annotator
     return PreferenceData(unpaired, paired, eval_prompts, fraction, description)
 
 
-def oracle_reward_margins(pool: AnnotatorPool, paired, clip: float = 0.02) -> list[float]:
-    """``logit P(chosen beats rejected)`` under the annotator pool, clipped to [clip, 1 - clip]."""
-    margins = []
-    for row in paired:
-        prompt = row["prompt"][-1]["content"]
-        p = min(max(pool.prefer(prompt, row["chosen"], row["rejected"]), clip), 1 - clip)
-        margins.append(math.log(p / (1 - p)))
-    return margins
-
-
-def training_rows(config: ExperimentConfig, data: PreferenceData, tokenizer, reward_margins=None) -> tuple[list, dict]:
+def training_rows(config: ExperimentConfig, data: PreferenceData, tokenizer) -> tuple[list, dict]:
     """Token rows for the loss's kind, and the tokenisation counts (truncations) to report."""
     kind = get_loss(config.loss, **{k: v for k, v in config.loss_kwargs.items() if v != "auto"}).kind
     if kind == "paired":
         if data.paired is None:
             raise ValueError(f"{config.loss} needs paired data; {config.dataset!r} is unpaired (use offline or ufb)")
         rows, counts = tokenize_paired(data.paired, tokenizer, config.max_length, config.max_prompt_length)
-        if reward_margins is not None:
-            for row, margin in zip(rows, reward_margins, strict=True):
-                row["reward_margin"] = float(margin)
     else:
         rows, counts = tokenize_unpaired(data.unpaired, tokenizer, config.max_length, config.max_prompt_length)
     return rows, counts
