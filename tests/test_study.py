@@ -151,3 +151,25 @@ def test_train_command_runs_one_experiment(tmp_path, monkeypatch):
     assert not (run_dir / "checkpoints").exists()  # deleted once the run is saved
     (tmp_path / "bad.json").write_text(json.dumps({"modle": "tiny"}))
     assert main(["train", "--params", str(tmp_path / "bad.json")]) == 2
+
+
+def test_offline_distillation_without_kl_trains_on_reward_model_labels(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDYLIB_CACHE", str(tmp_path / "cache"))
+    params = {
+        "model": "tiny",
+        "dataset": "ufb",
+        "dataset_path": "tests/fixtures/ufb.jsonl",
+        "loss": "distill",
+        "loss_kwargs": {"beta": 0.0},
+        "max_steps": 2,
+        "batch_size": 2,
+        "eval_prompts": 2,
+        "eval_max_new_tokens": 6,
+        "results_dir": str(tmp_path / "lm"),
+    }
+    (tmp_path / "run.json").write_text(json.dumps(params))
+    monkeypatch.chdir(study.ROOT)
+    assert main(["train", "--params", str(tmp_path / "run.json")]) == 0
+    metrics = json.loads((tmp_path / "lm" / "ufb-distill-beta=0.0-seed=0" / "metrics.json").read_text())
+    assert metrics["training"]["trainer"] == "offline" and metrics["steps"] == 2
+    assert "reward_accuracy_held_out" in metrics["training"]

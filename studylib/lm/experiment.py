@@ -261,6 +261,10 @@ def train_policy(config: ExperimentConfig, model, tokenizer, data: PreferenceDat
     if not uses_online_trainer(config):
         rows, counts = training_rows(config, data, tokenizer)
         info.update({f"rows/{k}": v for k, v in counts.items()})
+        if config.loss == "distill":  # no KL term: soft labels from the reward model on the data-set pairs
+            from studylib.lm.reward import attach_reward_margins
+
+            rows = attach_reward_margins(reward_model, rows)
         policy, history = train_offline(config, model, tokenizer, rows)
         return policy, history, info
     from studylib.lm.online import OnlineConfig, train_online
