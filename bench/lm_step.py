@@ -16,12 +16,14 @@ import time
 import torch
 
 from studylib.lm.annotators import AnnotatorPool
+from studylib.lm.config import TrainConfig
 from studylib.lm.data import encode_prompt, tokenize_unpaired
-from studylib.lm.evaluate import generate
 from studylib.lm.models import load_model
-from studylib.lm.online import OnlineConfig, train_online
+from studylib.lm.online import train_online
+from studylib.lm.sampling import sample_completions
 from studylib.lm.synth import build_offline_preferences
-from studylib.lm.trainer import TrainConfig, train
+from studylib.lm.trainer import preferred_fraction, train
+from studylib.losses import build_loss
 
 
 def main() -> None:
@@ -40,39 +42,38 @@ def main() -> None:
     prompts = [encode_prompt(tokenizer, p) for p in data.unpaired_train["prompt"][: args.batch_size]]
 
     start = time.perf_counter()
-    completions = generate(model, tokenizer, prompts, max_new_tokens=48, seed=0, batch_size=args.batch_size, desc=None)
+    completions = sample_completions(model, tokenizer, prompts, max_new_tokens=48, seed=0, batch_size=args.batch_size)
     gen_seconds = time.perf_counter() - start
     tokens = sum(len(c) for c in completions)
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = TrainConfig(
-            output_dir=tmp,
-            loss="rdro",
-            loss_kwargs={"alpha": "auto"},
-            max_steps=args.steps + 1,
-            batch_size=args.batch_size,
-            save_steps=10_000,
-            learning_rate=5e-4,
-        )
-        trainer = train(load_model(args.model)[0], tokenizer, rows, config)
+        config = TrainConfig(max_steps=args.steps + 1, batch_size=args.batch_size, save_steps=10_000)
+        rdro = build_loss("rdro", {"alpha": "auto"}, preferred_fraction(rows))
+        trainer = train(load_model(args.model)[0], tokenizer, rows, rdro, config, tmp)
         times = [e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e]
     offline = times[0] / (args.steps + 1)
 
     with tempfile.TemporaryDirectory() as tmp:
-        online_config = OnlineConfig(
-            loss="reverse_kl",
-            steps=args.steps + 1,
+        online_config = TrainConfig(
+            max_steps=args.steps + 1,
             prompts_per_step=args.batch_size // 2,
             samples_per_prompt=2,
             max_new_tokens=48,
-            output_dir=tmp,
             save_steps=10_000,
         )
 
         def reward(prompt_ids, completion_ids):  # stand-in reward: brevity, no model
             return -torch.tensor([len(c) for c in completion_ids], dtype=torch.float32) / 48
 
-        _, history = train_online(load_model(args.model)[0], tokenizer, prompts, reward, online_config)
+        _, history = train_online(
+            load_model(args.model)[0],
+            tokenizer,
+            build_loss("reverse_kl"),
+            online_config,
+            prompt_ids=prompts,
+            reward_fn=reward,
+            output_dir=tmp,
+        )
     online = sum(e["step_seconds"] for e in history[1:]) / len(history[1:])
 
     print(

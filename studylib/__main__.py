@@ -20,9 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--no-html", action="store_true", help="skip the HTML export of executed notebooks")
     study.add_argument("--list", action="store_true", help="validate the config and list its runs; execute nothing")
     train = commands.add_parser("train", help="one language-model run (notebook 04's steps), e.g. under accelerate")
-    train.add_argument(
-        "--params", required=True, help="JSON file of ExperimentConfig fields (notebook 04's parameters)"
-    )
+    train.add_argument("--params", required=True, help="JSON file of flat RunConfig knobs (notebook 04's parameters)")
     args = parser.parse_args(argv)
     if args.command == "train":
         return run_training(args.params)
@@ -45,19 +43,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_training(params_path: str) -> int:
-    """``python -m studylib train --params run.json``: build an ExperimentConfig from JSON and run it."""
-    import dataclasses
+    """``python -m studylib train --params run.json``: a RunConfig from flat JSON knobs, run whole."""
     import json
 
-    from studylib.lm.experiment import ExperimentConfig, run_experiment
+    from studylib.lm.config import RunConfig
+    from studylib.lm.experiment import run_experiment
 
-    params = json.loads(open(params_path).read())
-    known = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        print(f"error: unknown parameters in {params_path}: {unknown}; known: {sorted(known)}", file=sys.stderr)
+    try:
+        config = RunConfig.from_flat(json.loads(open(params_path).read()))
+    except (ValueError, TypeError) as err:
+        print(f"error: {params_path}: {err}", file=sys.stderr)
         return 2
-    metrics = run_experiment(ExperimentConfig(**params))
+    metrics = run_experiment(config)
     if metrics:
         print(json.dumps({k: metrics[k] for k in ("win_rate", "approval", "kl", "length", "steps")}, indent=2))
     return 0

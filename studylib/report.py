@@ -72,8 +72,8 @@ def method_table(runs: pd.DataFrame, metrics: tuple[str, ...] = METRICS) -> pd.D
 
 
 def alpha_sweep(runs: pd.DataFrame) -> pd.DataFrame:
-    """RDRO's win rate (mean and sd over seeds) against alpha."""
-    rdro = runs[(runs["loss"] == "rdro") & runs["alpha"].notna()].copy()
+    """RDRO's win rate (mean and sd over seeds) against alpha (the runs whose loss has an ``alpha`` knob)."""
+    rdro = runs[runs["alpha"].notna()].copy()
     rdro["alpha"] = rdro["alpha"].astype(float)
     out = rdro.groupby(["dataset", "alpha"])["win_rate"].agg(["mean", "std", "count"]).reset_index()
     return out.rename(columns={"mean": "win_rate_mean", "std": "win_rate_sd", "count": "seeds"})
@@ -96,6 +96,30 @@ def plot_alpha_sweep(sweep: pd.DataFrame, preferred_fraction: float | None = Non
     ax.axhline(0.5, color="black", lw=0.8, ls=":", label="tie with reference")
     ax.set(xlabel="alpha (RDRO)", ylabel="win rate vs reference (annotator pool)", title="RDRO: win rate against alpha")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+RUN_PANELS = (
+    ("loss", "training loss", "linear"),
+    ("grad_norm", "gradient norm", "log"),
+    ("ratio/max", "max exp(T) in batch", "log"),
+    ("rewards/margins", "reward margin", "linear"),
+)
+
+
+def plot_run_curves(curves: pd.DataFrame, title: str):
+    """One run's training curves against optimizer steps: loss, gradient norm and max ratio (log axes, since
+    they span decades), reward margin; panels whose column the run did not log are left out."""
+    panels = [p for p in RUN_PANELS if p[0] in curves and curves[p[0]].notna().any()]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.6 * max(len(panels), 1), 3.2), squeeze=False)
+    for ax, (column, label, scale) in zip(axes[0], panels, strict=False):
+        values = curves[column]
+        ax.plot(curves["step"], values, marker=".")
+        if scale == "log" and (values.dropna() > 0).all():
+            ax.set_yscale("log")
+        ax.set(xlabel="optimizer step", ylabel=label, title=label)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,23 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
     return path
 
 
+@contextmanager
+def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``target``; fill it, and on success it replaces ``target`` by one
+    rename (a reader sees the old folder or the new one, never half of one). On an error it is removed."""
+    target = resolve(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _git(*args: str) -> str:
     done = subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True, timeout=10, check=True)
     return done.stdout.strip()
@@ -92,19 +111,30 @@ def _json(stamp: Mapping[str, Any]) -> str:
     return json.dumps(stamp, indent=2, sort_keys=True, default=str) + "\n"
 
 
-def save_table(df: Any, path_stem: str | os.PathLike[str], stamp: Mapping[str, Any]) -> dict[str, Path]:
-    """Write a pandas DataFrame as ``<stem>.csv``, ``<stem>.md`` (the stamp as a header list, then the table) and
-    ``<stem>.json`` (the stamp). Returns the three paths by suffix."""
+def save_table(
+    df: Any, path_stem: str | os.PathLike[str], stamp: Mapping[str, Any], markdown: bool = True
+) -> dict[str, Path]:
+    """Write a pandas DataFrame as ``<stem>.csv``, ``<stem>.md`` (the stamp as a header list, then the table; skipped
+    with ``markdown=False``) and ``<stem>.json`` (the stamp). Returns the paths by suffix."""
     stem = resolve(path_stem)
     full = complete_stamp(stamp)
-    header = "\n".join(f"- {k}: `{json.dumps(v, default=str)}`" for k, v in sorted(full.items()))
-    table = df.to_markdown(index=False, floatfmt=".4g")
+    paths = {"csv": write_atomic(stem.with_name(stem.name + ".csv"), df.to_csv(index=False))}
+    if markdown:
+        header = "\n".join(f"- {k}: `{json.dumps(v, default=str)}`" for k, v in sorted(full.items()))
+        table = df.to_markdown(index=False, floatfmt=".4g")
+        text = f"Stamp (also in `{stem.name}.json`):\n\n{header}\n\n{table}\n"
+        paths["md"] = write_atomic(stem.with_name(stem.name + ".md"), text)
+    paths["json"] = write_atomic(stem.with_name(stem.name + ".json"), _json(full))
+    return paths
+
+
+def save_json(data: Any, path: str | os.PathLike[str], stamp: Mapping[str, Any]) -> dict[str, Path]:
+    """Write JSON-able ``data`` at ``path`` as it is (a format another tool reads stays untouched) and its stamp as
+    ``<stem>.stamp.json``. Returns both paths."""
+    path = resolve(path)
     return {
-        "csv": write_atomic(stem.with_name(stem.name + ".csv"), df.to_csv(index=False)),
-        "md": write_atomic(
-            stem.with_name(stem.name + ".md"), f"Stamp (also in `{stem.name}.json`):\n\n{header}\n\n{table}\n"
-        ),
-        "json": write_atomic(stem.with_name(stem.name + ".json"), _json(full)),
+        "json": write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"),
+        "stamp": write_atomic(path.with_name(path.stem + ".stamp.json"), _json(complete_stamp(stamp))),
     }
 
 

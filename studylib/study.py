@@ -3,8 +3,10 @@
 A study config (``studies/<profile>.yaml``) lists runs; each names a notebook and its parameters, and a
 ``grid`` of parameters to expand (every combination becomes one run; a grid entry may be a mapping with a
 ``name``, whose other keys are set together, e.g. a method with its knobs). ``{results_dir}`` and
-``{profile}`` in string parameters are filled in. Each run's executed notebook goes to
-``<results_dir>/notebooks/<run name>.ipynb`` with an HTML export beside it. A run whose executed copy
+``{profile}`` in string parameters are filled in. Top-level keys, notebook names and every parameter name
+are checked when the config is loaded (a parameter must be defined by the notebook's ``parameters`` cell).
+Each run's executed notebook goes to ``<results_dir>/notebooks/<run name>.ipynb`` with an HTML export
+beside it. A run whose executed copy
 and ``.done`` stamp (recording its parameters) exist is skipped unless ``force``. A failing notebook is
 kept, with its error, as ``<run name>.failed.ipynb``; the runner finishes the other runs and then
 raises, naming every failure.
@@ -12,6 +14,7 @@ raises, naming every failure.
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import time
@@ -50,6 +53,34 @@ def _fill(value: Any, context: dict[str, str]) -> Any:
     return value
 
 
+TOP_LEVEL_KEYS = ("profile", "description", "results_dir", "defaults", "runs")
+
+
+def notebook_parameters(path: Path) -> tuple[str, ...]:
+    """The names a notebook's ``parameters`` cell assigns, in order (the cell is parsed, not run)."""
+    cells = json.loads(path.read_text())["cells"]
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not tagged:
+        raise StudyError(f"{path} has no cell tagged 'parameters'")
+    source = tagged[0]["source"]
+    tree = ast.parse(source if isinstance(source, str) else "".join(source))
+    names = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return tuple(names)
+
+
+def _check_parameters(path: Path, where: str, notebook: str, names: Any) -> None:
+    accepted = notebook_parameters(NOTEBOOKS / f"{notebook}.ipynb")
+    unknown = sorted(set(names) - set(accepted))
+    if unknown:
+        raise StudyError(
+            f"{path}: {where}: notebook {notebook!r} has no parameter(s) {unknown}; "
+            f"its parameters cell defines: {', '.join(accepted)}"
+        )
+
+
 def _slug(value: Any) -> str:
     return str(value).replace("/", "-").replace(" ", "")
 
@@ -65,6 +96,15 @@ def load_study(profile: str, results_dir: str | Path | None = None) -> tuple[dic
     for key in ("profile", "runs"):
         if key not in config:
             raise StudyError(f"{path}: missing key {key!r}")
+    unknown = sorted(set(config) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise StudyError(f"{path}: unknown key(s) {unknown}; accepted: {', '.join(TOP_LEVEL_KEYS)}")
+    for notebook, defaults in config.get("defaults", {}).items():
+        if not (NOTEBOOKS / f"{notebook}.ipynb").exists():
+            raise StudyError(
+                f"{path}: defaults name notebook {notebook!r}, but notebooks/{notebook}.ipynb does not exist"
+            )
+        _check_parameters(path, "defaults", notebook, defaults)
     results_dir = Path(results_dir or config.get("results_dir", "results"))
     if not results_dir.is_absolute():
         results_dir = ROOT / results_dir
@@ -96,7 +136,9 @@ def load_study(profile: str, results_dir: str | Path | None = None) -> tuple[dic
                 else:
                     params[key] = value
                 suffix += f"-{key}={_slug(value)}"
-            runs.append(Run(notebook, f"{spec.get('name', notebook)}{suffix}", _fill(params, context)))
+            name = f"{spec.get('name', notebook)}{suffix}"
+            _check_parameters(path, f"run {name!r}", notebook, params)
+            runs.append(Run(notebook, name, _fill(params, context)))
     names = [r.name for r in runs]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:

@@ -6,11 +6,11 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 from peft import LoraConfig, get_peft_model
 
 from studylib.lm.batching import score_sequences
-from studylib.lm.evaluate import distinct_n, evaluate, generate, mean_sd, summarise, write_alpaca_eval_outputs
+from studylib.lm.evaluate import distinct_n, evaluate, mean_sd, summarise, write_alpaca_eval_outputs
+from studylib.lm.sampling import sample_completions
 from studylib.lm.tiny import tiny_model, tiny_tokenizer
 
 
@@ -65,7 +65,7 @@ def test_evaluate_tiny_model_end_to_end():
     from studylib.lm.data import encode_prompt
 
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    completions = generate(policy, tokenizer, prompt_ids, max_new_tokens=6, seed=0, desc=None)
+    completions = sample_completions(policy, tokenizer, prompt_ids, max_new_tokens=6, seed=0, batch_size=8)
     lp = score_sequences(policy, prompt_ids, completions, tokenizer.pad_token_id)
     lr = score_sequences(reference, prompt_ids, completions, tokenizer.pad_token_id)
     assert summary["kl"] == pytest.approx((lp - lr).mean().item(), abs=1e-4)
@@ -78,23 +78,15 @@ def test_evaluate_lora_policy_at_init_has_zero_kl():
     prompts = [[{"role": "user", "content": "Hi?"}]] * 3
     summary, _ = evaluate(policy, tokenizer, prompts, LengthJudge(), max_new_tokens=4)
     assert summary["kl"] == pytest.approx(0.0, abs=1e-5)
-    with pytest.raises(ValueError, match="pass the reference model"):
+    with pytest.raises(ValueError, match="no LoRA adapters to disable; pass a separate frozen reference"):
         evaluate(tiny_model(tokenizer), tokenizer, prompts, LengthJudge())
-
-
-def test_generation_is_seeded():
-    tokenizer = tiny_tokenizer()
-    model = tiny_model(tokenizer)
-    ids = [[5, 6, 7], [8, 9]]
-    assert generate(model, tokenizer, ids, max_new_tokens=5, seed=3, desc=None) == generate(
-        model, tokenizer, ids, max_new_tokens=5, seed=3, desc=None
-    )
-    torch.manual_seed(0)
 
 
 def test_alpaca_eval_outputs_schema(tmp_path):
     path = write_alpaca_eval_outputs(tmp_path / "model_outputs.json", ["Say hi"], ["Hi!"], generator="rdro-seed0")
     records = json.loads(path.read_text())
     assert records == [{"instruction": "Say hi", "output": "Hi!", "generator": "rdro-seed0", "dataset": "studylib"}]
+    stamp = json.loads((tmp_path / "model_outputs.stamp.json").read_text())  # stamped beside, format untouched
+    assert stamp["generator"] == "rdro-seed0" and "git_commit" in stamp and "created" in stamp
     with pytest.raises(ValueError, match="1 instructions but 2 outputs"):
         write_alpaca_eval_outputs(tmp_path / "x.json", ["a"], ["b", "c"], generator="g")

@@ -10,7 +10,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from studylib.lm.batching import model_logps, pad_sequences
-from studylib.lm.online import OnlineConfig, OnlineTrainer, kl_estimate, train_online
+from studylib.lm.config import TrainConfig
+from studylib.lm.online import OnlineTrainer, kl_estimate, train_online
 from studylib.lm.tiny import tiny_model, tiny_tokenizer
 from studylib.losses import get_loss
 
@@ -46,29 +47,42 @@ def pairs_for(tokenizer, margins: bool = False) -> list[dict]:
     return rows
 
 
-def config(**overrides) -> OnlineConfig:
-    knobs = {"steps": 3, "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 5}
+def config(**overrides) -> TrainConfig:
+    knobs = {"max_steps": 3, "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 5}
     knobs.update({"use_lora": False, "learning_rate": 1e-2})
     knobs.update(overrides)
-    return OnlineConfig(**knobs)
+    return TrainConfig(**knobs)
+
+
+def run(model, tokenizer, loss: str = "reverse_kl", knobs=None, pairs=None, **overrides):
+    """``train_online`` on the prompts (or ``pairs``) with ``low_byte_reward``."""
+    return train_online(
+        model,
+        tokenizer,
+        get_loss(loss, **(knobs or {})),
+        config(**overrides),
+        prompt_ids=None if pairs else prompts_for(tokenizer),
+        reward_fn=None if pairs else low_byte_reward,
+        pair_rows=pairs,
+    )
 
 
 CASES = {
-    "reverse_kl": ({"loss": "reverse_kl"}, False),
-    "rlhf": ({"loss": "rlhf"}, False),
-    "distill_online": ({"loss": "distill"}, False),
-    "distill_dataset_pairs": ({"loss": "distill"}, True),
-    "pmle_with_kl": ({"loss": "pmle", "loss_kwargs": {"gamma": 0.5, "beta": 0.1}}, True),
+    "reverse_kl": ("reverse_kl", {}, False),
+    "rlhf": ("rlhf", {}, False),
+    "distill_online": ("distill", {}, False),
+    "distill_dataset_pairs": ("distill", {}, True),
+    "pmle_with_kl": ("pmle", {"gamma": 0.5, "beta": 0.1}, True),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_objective_trains_every_parameter(tokenizer, case):
-    knobs, uses_pairs = CASES[case]
+    loss, knobs, uses_pairs = CASES[case]
     model = tiny_model(tokenizer, seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     pairs = pairs_for(tokenizer, margins=True) if uses_pairs else None
-    policy, history = train_online(model, tokenizer, prompts_for(tokenizer), low_byte_reward, config(**knobs), pairs)
+    policy, history = run(model, tokenizer, loss, knobs, pairs)
     unchanged = [n for n, p in policy.named_parameters() if torch.equal(p.detach(), before[n])]
     assert not unchanged, f"{case}: parameters did not change: {unchanged}"
     assert [e["step"] for e in history] == [1, 2, 3]
@@ -79,9 +93,7 @@ def test_every_objective_trains_every_parameter(tokenizer, case):
 
 
 def test_lora_reference_is_the_base_model(tokenizer):
-    model = tiny_model(tokenizer, seed=1)
-    cfg = config(use_lora=True, lora_r=4, steps=2)
-    policy, history = train_online(model, tokenizer, prompts_for(tokenizer), low_byte_reward, cfg)
+    policy, history = run(tiny_model(tokenizer, seed=1), tokenizer, use_lora=True, lora_r=4, max_steps=2)
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # adapters start at zero: policy == reference
     assert history[0]["ratio/max"] == pytest.approx(1.0, abs=1e-5)
     trained = {n: p for n, p in policy.named_parameters() if p.requires_grad}
@@ -90,8 +102,8 @@ def test_lora_reference_is_the_base_model(tokenizer):
 
 
 def test_reverse_kl_raises_the_reward(tokenizer):
-    cfg = config(steps=20, prompts_per_step=4, samples_per_prompt=4, max_new_tokens=4, learning_rate=3e-3)
-    _, history = train_online(tiny_model(tokenizer, seed=0), tokenizer, prompts_for(tokenizer), low_byte_reward, cfg)
+    knobs = {"max_steps": 20, "prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 4}
+    _, history = run(tiny_model(tokenizer, seed=0), tokenizer, learning_rate=3e-3, **knobs)
     rewards = [e["rewards/mean"] for e in history]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.1, f"mean reward {first:.3f} -> {last:.3f}"
@@ -100,14 +112,23 @@ def test_reverse_kl_raises_the_reward(tokenizer):
 def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, tokenizer):
     prompts = prompts_for(tokenizer)
     knobs = {"use_lora": True, "lora_r": 4, "prompts_per_step": 4}  # 4 of 6 prompts: steps cross an epoch
-    straight, straight_history = train_online(
-        tiny_model(tokenizer), tokenizer, prompts, low_byte_reward, config(steps=4, **knobs)
-    )
-    run = config(steps=2, save_steps=2, output_dir=str(tmp_path / "run"), **knobs)
-    train_online(tiny_model(tokenizer), tokenizer, prompts, low_byte_reward, run)
+    loss = get_loss("reverse_kl")
+
+    def train_to(steps: int, output_dir=None):
+        return train_online(
+            tiny_model(tokenizer),
+            tokenizer,
+            loss,
+            config(max_steps=steps, save_steps=2, **knobs),
+            prompt_ids=prompts,
+            reward_fn=low_byte_reward,
+            output_dir=output_dir,
+        )
+
+    straight, straight_history = train_to(4)
+    train_to(2, tmp_path / "run")
     assert (tmp_path / "run" / "checkpoint-2" / "state.pt").is_file()
-    run.steps = 4
-    resumed, history = train_online(tiny_model(tokenizer), tokenizer, prompts, low_byte_reward, run)
+    resumed, history = train_to(4, tmp_path / "run")
     assert [e["step"] for e in history] == [1, 2, 3, 4]
     assert [e["loss"] for e in history] == pytest.approx([e["loss"] for e in straight_history], rel=1e-5)
     for (name, p), q in zip(resumed.named_parameters(), straight.parameters(), strict=True):
@@ -117,17 +138,20 @@ def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, tokenizer):
 
 
 def test_bad_inputs_fail_clearly(tokenizer):
-    model = tiny_model(tokenizer)
+    model, prompts = tiny_model(tokenizer), prompts_for(tokenizer)
+    reverse_kl, pmle, distill = get_loss("reverse_kl"), get_loss("pmle"), get_loss("distill")
     with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
-        config(samples_per_prompt=1)
-    with pytest.raises(ValueError, match="online loss must be one of"):
-        config(loss="dpo")
+        OnlineTrainer(model, tokenizer, reverse_kl, config(samples_per_prompt=1), prompt_ids=prompts)
+    with pytest.raises(ValueError, match="trains on labelled rows"):
+        OnlineTrainer(model, tokenizer, get_loss("rdro"), config(), prompt_ids=prompts)
     with pytest.raises(ValueError, match="pmle trains on data-set pairs"):
-        OnlineTrainer(model, tokenizer, prompts_for(tokenizer), None, config(loss="pmle"))
+        OnlineTrainer(model, tokenizer, pmle, config(), prompt_ids=prompts)
     with pytest.raises(ValueError, match="lack \\['reward_margin'\\]"):
-        OnlineTrainer(model, tokenizer, None, None, config(loss="distill"), pairs_for(tokenizer))
+        OnlineTrainer(model, tokenizer, distill, config(), pair_rows=pairs_for(tokenizer))
     with pytest.raises(ValueError, match="needs reward_fn"):
-        OnlineTrainer(model, tokenizer, prompts_for(tokenizer), None, config(loss="reverse_kl"))
+        OnlineTrainer(model, tokenizer, reverse_kl, config(), prompt_ids=prompts)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        OnlineTrainer(model, tokenizer, reverse_kl, config(max_steps=0), prompt_ids=prompts)
 
 
 # --- unbiasedness by enumeration --------------------------------------------------------------------------

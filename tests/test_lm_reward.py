@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from studylib.lm.online import OnlineConfig, train_online
+from studylib.lm.config import TrainConfig
+from studylib.lm.online import train_online
 from studylib.lm.reward import (
     attach_reward_margins,
     load_reward_model,
@@ -16,6 +17,7 @@ from studylib.lm.reward import (
     train_reward_model,
 )
 from studylib.lm.tiny import tiny_model, tiny_tokenizer
+from studylib.losses import get_loss
 
 TOPICS = ["tea", "rain", "cats", "maths", "bread", "stars", "boats", "music", "snow", "chess", "bees", "glass"]
 
@@ -119,8 +121,9 @@ def test_save_load_round_trip_and_reward_fn_for_online_distill(tmp_path, tokeniz
     loaded = load_reward_model(model, tokenizer, tmp_path / "rm")
     prompts, completions = [r["prompt_ids"] for r in pairs], [r["chosen_ids"] for r in pairs]
     torch.testing.assert_close(loaded.score(prompts, completions), reward_model.score(prompts, completions))
-    config = OnlineConfig(loss="distill", steps=2, prompts_per_step=2, max_new_tokens=4, use_lora=False)
-    policy, history = train_online(model, tokenizer, prompts, loaded.score, config)
+    config = TrainConfig(max_steps=2, prompts_per_step=2, max_new_tokens=4, use_lora=False)
+    distill = get_loss("distill")
+    policy, history = train_online(model, tokenizer, distill, config, prompt_ids=prompts, reward_fn=loaded.score)
     assert len(history) == 2 and 0.0 < history[0]["targets/mean"] < 1.0
 
 

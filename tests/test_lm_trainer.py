@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from studylib.lm.batching import score_sequences
+from studylib.lm.config import TrainConfig
 from studylib.lm.tiny import tiny_model, tiny_tokenizer
-from studylib.lm.trainer import AlignmentCollator, TrainConfig, build_trainer, train
+from studylib.lm.trainer import AlignmentCollator, build_trainer, preferred_fraction, train
+from studylib.losses import LOSSES, build_loss
 
 PROMPTS = ["Say hi.", "Name a colour.", "Count to three.", "What is tea?", "Give a fruit.", "Describe rain."]
 GOOD = ["Hi there, friend!", "Blue, like the sky.", "One, two, three.", "A warm drink.", "An apple.", "Soft water."]
@@ -47,25 +49,44 @@ def unpaired_rows(tokenizer):
 
 
 def rows_for(loss: str, tokenizer):
-    return paired_rows(tokenizer) if loss in ("dpo", "pmle", "distill") else unpaired_rows(tokenizer)
+    return paired_rows(tokenizer) if LOSSES[loss].kind == "paired" else unpaired_rows(tokenizer)
 
 
-def config(tmp_path, loss: str, **overrides) -> TrainConfig:
-    knobs = {"output_dir": str(tmp_path / loss), "loss": loss, "max_steps": 3, "batch_size": 4, "learning_rate": 1e-2}
-    knobs.update({"use_lora": False, "warmup_ratio": 0.0, "save_steps": 100, "lr_scheduler_type": "constant"})
+def config(**overrides) -> TrainConfig:
+    knobs = {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "use_lora": False, "warmup_ratio": 0.0}
+    knobs.update({"save_steps": 100, "lr_scheduler_type": "constant"})
     knobs.update(overrides)
     return TrainConfig(**knobs)
 
 
+def loss_for(loss: str, rows: list[dict], **knobs):
+    """The loss built once for ``rows``, as a run builds it."""
+    fraction = preferred_fraction(rows) if LOSSES[loss].kind == "unpaired" else None
+    return build_loss(loss, knobs, fraction)
+
+
+def run(tmp_path, tokenizer, loss: str, rows=None, knobs=None, model=None, build=False, **overrides):
+    """Train (or, with ``build``, only build the trainer for) ``loss`` on a tiny model in ``tmp_path / loss``."""
+    rows = rows_for(loss, tokenizer) if rows is None else rows
+    model = tiny_model(tokenizer, seed=0) if model is None else model
+    args = (model, tokenizer, rows, loss_for(loss, rows, **(knobs or {})), config(**overrides), tmp_path / loss)
+    return build_trainer(*args) if build else train(*args)
+
+
 LOSS_KNOBS = {"dpo": {}, "kto": {}, "bco": {}, "ddro": {}, "rdro": {"alpha": "auto"}, "pmle": {"gamma": 0.5}}
-LOSS_KNOBS["distill"] = {"beta": 0.0}
+LOSS_KNOBS |= {"distill": {"beta": 0.0}, "simpo": {}}
+
+
+def test_every_offline_loss_is_covered():
+    offline = {n for n, c in LOSSES.items() if c.kind != "on_policy"}
+    assert offline == set(LOSS_KNOBS)
 
 
 @pytest.mark.parametrize("loss", sorted(LOSS_KNOBS))
 def test_every_loss_trains_every_parameter(tmp_path, tokenizer, loss):
     model = tiny_model(tokenizer, seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = train(model, tokenizer, rows_for(loss, tokenizer), config(tmp_path, loss, loss_kwargs=LOSS_KNOBS[loss]))
+    trainer = run(tmp_path, tokenizer, loss, knobs=LOSS_KNOBS[loss], model=model)
     unchanged = [n for n, p in trainer.model.named_parameters() if torch.equal(p.detach(), before[n])]
     assert not unchanged, f"{loss}: parameters did not change: {unchanged}"
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -73,13 +94,12 @@ def test_every_loss_trains_every_parameter(tmp_path, tokenizer, loss):
     assert {"rewards/chosen", "rewards/margins", "logps/chosen", "grad_norm"} <= set(logged[0])
     if loss == "ddro":
         assert "guard/activations" in logged[0]
-    if loss in ("kto", "rdro", "ddro"):
+    if LOSSES[loss].kind == "unpaired" and loss != "bco":
         assert "ratio/max" in logged[0]
 
 
 def test_lora_trains_only_adapters(tmp_path, tokenizer):
-    model = tiny_model(tokenizer, seed=0)
-    trainer = train(model, tokenizer, unpaired_rows(tokenizer), config(tmp_path, "rdro", use_lora=True, lora_r=4))
+    trainer = run(tmp_path, tokenizer, "rdro", use_lora=True, lora_r=4)
     trained = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
     assert any(p.abs().sum() > 0 for n, p in trained.items() if "lora_B" in n)  # B starts at zero
@@ -87,9 +107,7 @@ def test_lora_trains_only_adapters(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_step_zero_policy_equals_reference_and_dpo_is_log2(tmp_path, tokenizer, use_lora):
-    model = tiny_model(tokenizer, seed=1)
-    rows = paired_rows(tokenizer)
-    trainer = build_trainer(model, tokenizer, rows, config(tmp_path, "dpo", use_lora=use_lora))
+    trainer = run(tmp_path, tokenizer, "dpo", model=tiny_model(tokenizer, seed=1), build=True, use_lora=use_lora)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     loss = trainer.compute_loss(trainer.model, batch)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
@@ -99,25 +117,24 @@ def test_step_zero_policy_equals_reference_and_dpo_is_log2(tmp_path, tokenizer, 
 def test_cached_reference_logps_equal_recomputed(tmp_path, tokenizer):
     model = tiny_model(tokenizer, seed=2)
     rows = unpaired_rows(tokenizer)
-    cfg = config(tmp_path, "rdro")
-    first = build_trainer(model, tokenizer, rows, cfg).train_dataset.rows
+    first = run(tmp_path, tokenizer, "rdro", model=model, build=True).train_dataset.rows
     cached_files = list((tmp_path / "rdro").glob("reference_logps-*.pt"))
     assert len(cached_files) == 1
     fresh = score_sequences(
         model, [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], tokenizer.pad_token_id, 3
     )
     torch.testing.assert_close(torch.tensor([r["ref_logps"] for r in first]), fresh, atol=1e-5, rtol=1e-6)
-    again = build_trainer(tiny_model(tokenizer, seed=99), tokenizer, rows, cfg).train_dataset.rows  # from cache
+    again = run(tmp_path, tokenizer, "rdro", model=tiny_model(tokenizer, seed=99), build=True).train_dataset.rows
     assert [r["ref_logps"] for r in again] == [r["ref_logps"] for r in first]
 
 
 def test_class_fraction_comes_from_whole_training_set(tmp_path, tokenizer):
     rows = unpaired_rows(tokenizer)[:7]  # 4 preferred, 3 not
-    trainer = build_trainer(
-        tiny_model(tokenizer), tokenizer, rows, config(tmp_path, "rdro", loss_kwargs={"alpha": "auto"})
-    )
+    trainer = run(tmp_path, tokenizer, "rdro", rows=rows, knobs={"alpha": "auto"}, build=True)
     assert trainer.loss_fn.preferred_fraction == pytest.approx(4 / 7)
     assert trainer.loss_fn.alpha == pytest.approx(4 / 7)
+    with pytest.raises(ValueError, match="every one of the 2 rows is preferred"):
+        preferred_fraction([r for r in rows if r["label"]][:2])
 
 
 def test_kto_mismatched_pairs_shift_completions(tokenizer):
@@ -130,12 +147,9 @@ def test_kto_mismatched_pairs_shift_completions(tokenizer):
 
 
 def test_training_resumes_from_checkpoint(tmp_path, tokenizer):
-    rows = unpaired_rows(tokenizer)
-    cfg = config(tmp_path, "rdro", max_steps=2, save_steps=2)
-    train(tiny_model(tokenizer), tokenizer, rows, cfg)
+    run(tmp_path, tokenizer, "rdro", model=tiny_model(tokenizer), max_steps=2, save_steps=2)
     assert (tmp_path / "rdro" / "checkpoint-2").is_dir()
-    cfg.max_steps = 4
-    trainer = train(tiny_model(tokenizer), tokenizer, rows, cfg)
+    trainer = run(tmp_path, tokenizer, "rdro", model=tiny_model(tokenizer), max_steps=4, save_steps=2)
     steps = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
     assert trainer.state.global_step == 4
     assert steps == [1, 2, 3, 4]  # history carried over from the checkpoint, steps 3-4 trained anew
@@ -143,28 +157,36 @@ def test_training_resumes_from_checkpoint(tmp_path, tokenizer):
 
 def test_bad_rows_fail_clearly(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="needs paired rows; the rows lack"):
-        build_trainer(tiny_model(tokenizer), tokenizer, unpaired_rows(tokenizer), config(tmp_path, "dpo"))
-    rows = [dict(r) for r in paired_rows(tokenizer)]
-    for r in rows:
-        r.pop("reward_margin")
+        run(tmp_path, tokenizer, "dpo", rows=unpaired_rows(tokenizer), build=True)
+    rows = [{k: v for k, v in r.items() if k != "reward_margin"} for r in paired_rows(tokenizer)]
     with pytest.raises(ValueError, match="distill needs rows with reward_margin"):
-        build_trainer(tiny_model(tokenizer), tokenizer, rows, config(tmp_path, "distill"))
+        run(tmp_path, tokenizer, "distill", rows=rows, knobs={"beta": 0.0}, build=True)
+    with pytest.raises(ValueError, match="samples from the policy"):  # a KL term needs the on-policy trainer
+        run(tmp_path, tokenizer, "pmle", knobs={"beta": 0.1}, build=True)
+    with pytest.raises(ValueError, match="no training rows"):
+        build_trainer(tiny_model(tokenizer), tokenizer, [], build_loss("dpo"), config(), tmp_path)
 
 
 @pytest.mark.parametrize(("loss", "use_lora"), [("dpo", False), ("rdro", True), ("kto", True)])
 def test_on_the_fly_reference_equals_precomputed(tmp_path, tokenizer, loss, use_lora):
-    rows = rows_for(loss, tokenizer)
     losses = {}
     for precompute in (True, False):
-        cfg = config(tmp_path / str(precompute), loss, use_lora=use_lora, precompute_reference=precompute)
-        trainer = build_trainer(tiny_model(tokenizer, seed=4), tokenizer, rows, cfg)
+        trainer = run(
+            tmp_path / str(precompute),
+            tokenizer,
+            loss,
+            model=tiny_model(tokenizer, seed=4),
+            build=True,
+            use_lora=use_lora,
+            precompute_reference=precompute,
+        )
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():  # move the policy (not the reference) so that the reference matters
             for p in trainer.model.parameters():
                 if p.requires_grad:
                     p.add_(0.05 * torch.randn(p.shape, generator=gen))
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-        assert ("ref_logps" in batch or "ref_chosen_logps" in batch) == precompute
+        assert ("ref_logps" in batch) == precompute
         losses[precompute] = trainer.compute_loss(trainer.model, batch).item()
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
     if loss == "dpo":
@@ -174,10 +196,45 @@ def test_on_the_fly_reference_equals_precomputed(tmp_path, tokenizer, loss, use_
 def test_reference_precompute_decision(tmp_path):
     from studylib.lm.trainer import uses_precomputed_reference
 
-    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=10, batch_size=8)
+    cfg = TrainConfig(max_steps=10, batch_size=8)
     assert not uses_precomputed_reference(cfg, 100)  # 80 rows seen of 100
     assert uses_precomputed_reference(cfg, 80)
     cfg.max_steps = -1  # whole epochs
     assert uses_precomputed_reference(cfg, 10_000)
     cfg.precompute_reference = False
     assert not uses_precomputed_reference(cfg, 10)
+
+
+@pytest.mark.parametrize(("loss", "knobs"), [("simpo", {}), ("pmle", {"gamma": 0.5})])
+def test_reference_free_loss_never_runs_a_reference_forward(tmp_path, tokenizer, loss, knobs, monkeypatch):
+    from studylib.lm.reference import Reference
+
+    calls = []
+
+    def forbidden(self, *args):
+        calls.append(args)
+        raise AssertionError("a reference-free loss ran a reference forward")
+
+    monkeypatch.setattr(Reference, "active", forbidden)
+    monkeypatch.setattr(Reference, "logps", forbidden)
+    for use_lora in (True, False):
+        trainer = run(tmp_path / str(use_lora), tokenizer, loss, knobs=knobs, use_lora=use_lora, max_steps=2)
+        assert trainer.reference is None and trainer.state.global_step == 2
+    assert not calls
+
+
+def test_simpo_uses_length_normalised_logps(tmp_path, tokenizer):
+    """At step 0 SimPO's loss is -log sigmoid(beta (mean log pi(y_w) - mean log pi(y_l)) - gamma), by hand."""
+    trainer = run(tmp_path, tokenizer, "simpo", knobs={"beta": 2.0, "gamma": 0.5}, build=True)
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    batch = trainer.data_collator(rows)
+    loss = trainer.compute_loss(trainer.model, batch).item()
+    prompts = [r["prompt_ids"] for r in rows]
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        chosen = score_sequences(trainer.model, prompts, [r["chosen_ids"] for r in rows], pad, 4, average=True)
+        rejected = score_sequences(trainer.model, prompts, [r["rejected_ids"] for r in rows], pad, 4, average=True)
+    expected = -torch.nn.functional.logsigmoid(2.0 * (chosen - rejected) - 0.5).mean().item()
+    assert loss == pytest.approx(expected, rel=1e-5)
+    summed = score_sequences(trainer.model, prompts, [r["chosen_ids"] for r in rows], pad, 4)
+    assert not torch.allclose(summed, chosen)  # the normalisation matters on these rows

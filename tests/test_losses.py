@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from studylib.losses import DDRO, RDRO, available_losses, get_loss
+from studylib.losses import DDRO, LOSSES, RDRO, available_losses, build_loss, get_loss
 
 
 @pytest.fixture(autouse=True)
@@ -78,6 +78,69 @@ def test_dpo_hand_value():
     assert m["rewards/chosen"].item() == pytest.approx(1.0)
     assert m["rewards/rejected"].item() == pytest.approx(-0.5)
     assert m["rewards/accuracies"].item() == 1.0
+
+
+# --- SimPO -----------------------------------------------------------------------------------------------
+
+
+def test_simpo_hand_value_and_optimum():
+    # beta 2, gamma 1, mean log-probs -0.5 (chosen) and -1.5 (rejected): -log sigmoid(2 * 1 - 1)
+    loss, m = get_loss("simpo", beta=2.0, gamma=1.0)(torch.tensor([-0.5]), torch.tensor([-1.5]))
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.0)), rel=1e-12)
+    assert m["rewards/chosen"].item() == pytest.approx(-1.0) and m["rewards/margins"].item() == pytest.approx(2.0)
+    # a margin of exactly gamma / beta gives log 2: the target margin is where the loss crosses log 2
+    at_margin, _ = get_loss("simpo", beta=2.0, gamma=1.0)(torch.tensor([-1.0]), torch.tensor([-1.5]))
+    assert at_margin.item() == pytest.approx(math.log(2), rel=1e-12)
+    # reference log-probs, if passed, change nothing: SimPO is reference-free
+    with_ref, _ = get_loss("simpo")(
+        torch.tensor([-0.5]), torch.tensor([-1.5]), torch.tensor([9.0]), torch.tensor([-9.0])
+    )
+    without, _ = get_loss("simpo")(torch.tensor([-0.5]), torch.tensor([-1.5]))
+    assert with_ref.item() == without.item()
+
+
+# --- what each loss declares it needs ---------------------------------------------------------------------
+
+
+def test_declared_needs():
+    """The declarations the routing reads; a change here changes which trainer, rows and models a run uses."""
+    needs = {
+        name: (cls.kind, cls.uses_reference, cls.needs_reward_model, cls.mismatched_pairs, cls.length_normalized)
+        for name, cls in LOSSES.items()
+    }
+    assert needs == {
+        "dpo": ("paired", True, False, False, False),
+        "simpo": ("paired", False, False, False, True),
+        "kto": ("unpaired", True, False, True, False),
+        "bco": ("unpaired", True, False, False, False),
+        "ddro": ("unpaired", True, False, False, False),
+        "rdro": ("unpaired", True, False, False, False),
+        "pmle": ("paired", False, False, False, False),
+        "distill": ("paired", False, True, False, False),
+        "reverse_kl": ("on_policy", True, True, False, False),
+        "rlhf": ("on_policy", True, True, False, False),
+    }
+    assert {n for n, c in LOSSES.items() if c.takes_class_fraction} == {"ddro", "rdro"}
+    # a KL term makes a reference-free loss need the reference and policy samples
+    assert not get_loss("pmle", beta=0.0).needs_reference and not get_loss("pmle", beta=0.0).samples_policy
+    assert get_loss("pmle", beta=0.1).needs_reference and get_loss("pmle", beta=0.1).kl_coefficient == 0.1
+    assert get_loss("reverse_kl").samples_policy and get_loss("dpo").kl_coefficient == 0.0
+
+
+def test_build_loss_resolves_auto_once():
+    rdro = build_loss("rdro", {"alpha": "auto"}, preferred_fraction=0.3)
+    assert rdro.alpha == 0.3 and rdro.preferred_fraction == 0.3
+    assert build_loss("rdro", {"alpha": 0.5, "preferred_fraction": 0.2}, 0.3).preferred_fraction == 0.2
+    assert build_loss("ddro", {}, 0.25).preferred_fraction == 0.25
+    assert build_loss("dpo", {"beta": 0.2}, 0.5).beta == 0.2  # no class fraction for a paired loss
+    with pytest.raises(ValueError, match="only alpha may be 'auto'"):
+        build_loss("dpo", {"beta": "auto"}, 0.5)
+    with pytest.raises(ValueError, match="alpha='auto' needs labelled data"):
+        build_loss("rdro", {"alpha": "auto"})
+    with pytest.raises(ValueError, match="needs both classes, but every row is preferred"):
+        build_loss("rdro", {}, 1.0)
+    with pytest.raises(KeyError, match="unknown loss 'ipo'"):
+        build_loss("ipo")
 
 
 # --- RDRO ------------------------------------------------------------------------------------------------
@@ -279,7 +342,8 @@ def test_reverse_kl_exact_minimiser_is_tilted_reference():
 
 
 def test_registry_lists_every_method():
-    assert set(available_losses()) >= {"dpo", "kto", "bco", "ddro", "rdro", "pmle", "distill", "reverse_kl", "rlhf"}
+    expected = {"dpo", "simpo", "kto", "bco", "ddro", "rdro", "pmle", "distill", "reverse_kl", "rlhf"}
+    assert set(available_losses()) == expected
     assert get_loss("rdro", alpha=0.39).alpha == 0.39
 
 
@@ -294,6 +358,8 @@ def test_registry_lists_every_method():
         ("kto", {"beta": -1.0}, "beta must be a finite number > 0"),
         ("pmle", {"gamma": 0}, "gamma must be a finite number > 0"),
         ("ddro", {"guard_eps": 2.0}, "guard_eps must lie strictly inside"),
+        ("simpo", {"beta": 0.0}, "beta must be a finite number > 0"),
+        ("simpo", {"gamma": -1.0}, "gamma must be a finite number >= 0"),
         ("dpo", {"alpha": 0.3}, "bad knobs for loss 'dpo'"),
     ],
 )

@@ -34,7 +34,7 @@ def test_paper_profile_uses_hub_models_and_paper_settings():
 
 def write_notebook(path, source):
     nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("fail = False\nout = ''")
+    params = nbformat.v4.new_code_cell("fail = False\nout = ''\nseed = 0")
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell(source)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -55,8 +55,8 @@ def sandbox(tmp_path, monkeypatch):
     return tmp_path
 
 
-def write_profile(sandbox, runs):
-    (sandbox / "studies" / "t.yaml").write_text(json.dumps({"profile": "t", "runs": runs}))
+def write_profile(sandbox, runs, **top):
+    (sandbox / "studies" / "t.yaml").write_text(json.dumps({"profile": "t", "runs": runs, **top}))
 
 
 def test_runs_skip_when_done_and_rerun_with_force(sandbox):
@@ -110,6 +110,23 @@ def test_bad_configs_fail_clearly(sandbox, runs, message):
         study.load_study("t")
 
 
+@pytest.mark.parametrize(
+    ("runs", "top", "message"),
+    [
+        ([{"notebook": "job"}], {"resutls_dir": "x"}, r"unknown key\(s\) \['resutls_dir'\]; accepted: profile"),
+        ([{"notebook": "job"}], {"defaults": {"jbo": {"out": "x"}}}, "defaults name notebook 'jbo'"),
+        ([{"notebook": "job"}], {"defaults": {"job": {"otu": "x"}}}, r"defaults: notebook 'job' has no param.*'otu'"),
+        ([{"notebook": "job", "parameters": {"fial": True}}], {}, r"run 'job': .*no parameter\(s\) \['fial'\]"),
+        ([{"notebook": "job", "grid": {"sed": [0]}}], {}, r"no parameter\(s\) \['sed'\].*defines: fail, out"),
+    ],
+)
+def test_typos_fail_when_the_config_loads(sandbox, runs, top, message):
+    write_profile(sandbox, runs, **top)
+    with pytest.raises(study.StudyError, match=message):
+        study.load_study("t")
+    assert main(["study", "--profile", "t", "--list"]) == 1  # --list catches them too, executing nothing
+
+
 def test_unknown_profile_lists_known_ones(sandbox):
     write_profile(sandbox, [{"notebook": "job"}])
     with pytest.raises(study.StudyError, match="no study profile 'nope'.*known profiles: t"):
@@ -149,8 +166,31 @@ def test_train_command_runs_one_experiment(tmp_path, monkeypatch):
     outputs = json.loads((run_dir / "model_outputs.json").read_text())  # AlpacaEval format for hub-schema runs
     assert len(outputs) == 2 and set(outputs[0]) == {"instruction", "output", "generator", "dataset"}
     assert not (run_dir / "checkpoints").exists()  # deleted once the run is saved
+    stamped = [
+        "metrics.stamp.json",
+        "curves.json",
+        "samples.json",
+        "training_curves.png.json",
+        "model_outputs.stamp.json",
+    ]
+    for name in stamped:  # every file of the run is stamped with the run's parameters
+        stamp = json.loads((run_dir / name).read_text())
+        assert stamp["params"]["loss"] == "rdro" and stamp["params"]["max_steps"] == 2 and stamp["seed"] == 0
     (tmp_path / "bad.json").write_text(json.dumps({"modle": "tiny"}))
     assert main(["train", "--params", str(tmp_path / "bad.json")]) == 2
+
+
+def test_full_fine_tuning_run_completes_evaluation(tmp_path, monkeypatch):
+    """Without LoRA the reference is a frozen copy made before training, used by training and evaluation."""
+    from studylib.lm.config import RunConfig
+    from studylib.lm.experiment import run_experiment
+
+    monkeypatch.setenv("STUDYLIB_CACHE", str(tmp_path / "cache"))
+    knobs = {"model": "tiny", "dataset": "ufb", "dataset_path": "tests/fixtures/ufb.jsonl", "loss": "dpo"}
+    knobs |= {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-2, "use_lora": False, "eval_prompts": 2}
+    record = run_experiment(RunConfig.from_flat(knobs | {"eval_max_new_tokens": 6, "results_dir": str(tmp_path)}))
+    assert record["steps"] == 2 and record["n_prompts"] == 2
+    assert record["kl"] != 0.0  # evaluated against the frozen start, not against the trained policy itself
 
 
 def test_offline_distillation_without_kl_trains_on_reward_model_labels(tmp_path, monkeypatch):

@@ -137,3 +137,19 @@ def test_kto_matches_trl(beta, kl_shift):
     trl_metrics = stub._metrics["train"]
     for name in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert metrics[name].item() == pytest.approx(trl_metrics[name][-1], rel=1e-5, abs=1e-6), name
+
+
+@pytest.mark.parametrize(("beta", "gamma"), [(2.0, 1.0), (0.5, 0.0), (2.5, 1.375)])
+def test_simpo_equals_trl_cpo_simpo(beta, gamma):
+    """SimPO against TRL's ``CPOTrainer.cpo_loss`` with ``loss_type="simpo"`` on length-normalised log-probs."""
+    from trl.experimental.cpo import CPOTrainer
+
+    gen = torch.Generator().manual_seed(7)
+    chosen, rejected = -torch.rand(16, generator=gen) * 3, -torch.rand(16, generator=gen) * 3
+    stub = SimpleNamespace(
+        alpha=0.0, beta=beta, simpo_gamma=gamma, loss_type="simpo", label_smoothing=0.0, accelerator=_Accelerator()
+    )
+    losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(stub, chosen, rejected)
+    ours, metrics = get_loss("simpo", beta=beta, gamma=gamma)(chosen, rejected)
+    torch.testing.assert_close(ours, losses.mean())
+    torch.testing.assert_close(metrics["rewards/margins"], (chosen_rewards - rejected_rewards).mean())

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from studylib.logprobs import sequence_logps
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS (masks, never pad ids, mark real tokens)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def pad_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int) -> dict:
@@ -30,52 +34,10 @@ def pad_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequen
     return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
 
 
-@torch.no_grad()
-def sample_new_tokens(
-    model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-    eos_id: int,
-    max_new_tokens: int,
-    temperature: float,
-) -> list[list[int]]:
-    """One pure sample (no top-k / top-p) per prompt of a left-padded batch: each row's new tokens, uncut.
-
-    Seeding is the caller's: this draws from the current torch RNG.
-    """
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p) :] = torch.tensor(list(p))
-        mask[i, width - len(p) :] = 1
-    generated = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=mask.to(device),
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-    )
-    return generated[:, width:].tolist()
-
-
 def model_logps(model: torch.nn.Module, batch: dict[str, Tensor], average: bool = False) -> Tensor:
     """Per-sequence completion log-probs of a padded batch under ``model`` (gradients flow if enabled)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     return sequence_logps(logits, batch["input_ids"], batch["completion_mask"], average=average)
-
-
-def reference_context(model: torch.nn.Module):
-    """Context in which ``model`` computes reference log-probs: its adapters disabled under PEFT."""
-    if hasattr(model, "disable_adapter") and getattr(model, "peft_config", None):
-        return model.disable_adapter()
-    return nullcontext()
 
 
 @torch.no_grad()

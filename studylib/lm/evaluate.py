@@ -1,26 +1,25 @@
 """Evaluate a policy against its reference: samples, win rate, approval, KL, length, diversity.
 
-Both models sample completions for the same held-out prompts at temperature 1 (so the samples come from
-the models themselves and the KL estimate is unbiased). The annotator pool judges each policy completion
-against the reference's completion for the same prompt (ties count half): the offline stand-in for
-AlpacaEval's win rate. ``KL(pi || pi_ref)`` is estimated as the mean of
+Both models sample completions for the same held-out prompts at temperature 1 (``studylib.lm.sampling``,
+so the samples come from the models themselves and the KL estimate is unbiased). The annotator pool judges
+each policy completion against the reference's completion for the same prompt (ties count half): the
+offline stand-in for AlpacaEval's win rate. ``KL(pi || pi_ref)`` is estimated as the mean of
 ``log pi(y|x) - log pi_ref(y|x)`` over the policy's samples.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
-from studylib.lm.batching import reference_context, sample_new_tokens, score_sequences
+from studylib.lm.batching import pad_token_id, score_sequences
+from studylib.lm.reference import Reference
+from studylib.lm.sampling import sample_completions
+from studylib.results import save_json
 
 Messages = list[dict[str, str]]
 
@@ -46,42 +45,6 @@ def encode_prompts(tokenizer, prompts: Sequence[Messages]) -> list[list[int]]:
     from studylib.lm.data import encode_prompt
 
     return [encode_prompt(tokenizer, p) for p in prompts]
-
-
-@torch.no_grad()
-def generate(
-    model,
-    tokenizer,
-    prompt_ids: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int = 48,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 8,
-    desc: str | None = "sampling",
-) -> list[list[int]]:
-    """Sample one completion per prompt (left-padded batches); each ends at its EOS, which it keeps."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_id = tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
-    torch.manual_seed(seed)
-    completions: list[list[int]] = []
-    for start in tqdm(range(0, len(prompt_ids), batch_size), desc=desc, disable=desc is None):
-        rows = sample_new_tokens(
-            model,
-            prompt_ids[start : start + batch_size],
-            pad_id=pad_id,
-            eos_id=eos_id,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-        )
-        for row in rows:
-            completions.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
-    model.train(was_training)
-    return completions
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
@@ -118,25 +81,23 @@ def evaluate(
 ) -> tuple[dict[str, float], pd.DataFrame]:
     """Sample from ``policy`` and its reference on ``prompts``; judge, score and summarise.
 
-    ``reference``: a separate reference model, or None for a PEFT policy (its adapters disabled).
+    ``reference``: a separate reference model, or None for a PEFT policy (its adapters disabled; see
+    ``studylib.lm.reference``).
     Returns the summary and a per-prompt table (prompt, both completions, judgments, log-ratio, lengths).
     """
     if not prompts:
         raise ValueError("no evaluation prompts")
-    if reference is None and not getattr(policy, "peft_config", None):
-        raise ValueError("pass the reference model: the policy has no adapters to disable")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ref = Reference(policy, reference)
+    pad_id = pad_token_id(tokenizer)
     prompt_ids = encode_prompts(tokenizer, prompts)
-    reference_model = policy if reference is None else reference
     knobs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
-    policy_ids = generate(policy, tokenizer, prompt_ids, seed=seed, desc="policy samples", **knobs)
-    with reference_context(policy) if reference is None else nullcontext():
-        reference_ids = generate(
+    policy_ids = sample_completions(policy, tokenizer, prompt_ids, seed=seed, desc="policy samples", **knobs)
+    with ref.active() as reference_model:
+        reference_ids = sample_completions(
             reference_model, tokenizer, prompt_ids, seed=seed + 1, desc="reference samples", **knobs
         )
-    policy_logps = score_sequences(policy, prompt_ids, policy_ids, pad_id, batch_size)
-    with reference_context(policy) if reference is None else nullcontext():
         reference_logps = score_sequences(reference_model, prompt_ids, policy_ids, pad_id, batch_size)
+    policy_logps = score_sequences(policy, prompt_ids, policy_ids, pad_id, batch_size)
     rows = []
     for i, messages in enumerate(prompts):
         text = prompt_text(messages)
@@ -160,21 +121,21 @@ def evaluate(
 
 
 def write_alpaca_eval_outputs(
-    path: str | Path, instructions: Sequence[str], outputs: Sequence[str], generator: str
+    path: str | Path,
+    instructions: Sequence[str],
+    outputs: Sequence[str],
+    generator: str,
+    stamp: Mapping[str, Any] | None = None,
 ) -> Path:
-    """AlpacaEval's ``model_outputs.json`` (instruction, output, generator, dataset), written atomically."""
+    """AlpacaEval's ``model_outputs.json`` (instruction, output, generator, dataset), written atomically, with
+    its stamp beside it (``model_outputs.stamp.json``)."""
     if len(instructions) != len(outputs):
         raise ValueError(f"{len(instructions)} instructions but {len(outputs)} outputs")
     records = [
         {"instruction": i, "output": o, "generator": generator, "dataset": "studylib"}
         for i, o in zip(instructions, outputs, strict=True)
     ]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(records, indent=2, ensure_ascii=False))
-    tmp.replace(path)
-    return path
+    return save_json(records, path, stamp or {"generator": generator})["json"]
 
 
 def mean_sd(values: Sequence[float]) -> str:

@@ -17,8 +17,6 @@ import copy
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,8 @@ from pathlib import Path
 import huggingface_hub.constants
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from studylib.results import atomic_directory
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
@@ -114,22 +114,11 @@ def _convert_gguf(gguf_path: Path, target: Path, chat_template: str | None) -> N
     del gguf_model
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         info = {"source": str(gguf_path), "convert_seconds": round(time.perf_counter() - start, 2)}
         (tmp / "studylib_source.json").write_text(json.dumps(info, indent=2))
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():  # unless another process finished first, a real failure
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _from_dir(path: Path, dtype: torch.dtype | str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -19,6 +19,7 @@ training, so the returned model is always a plain backbone with a head.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import random
@@ -31,8 +32,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from studylib.lm.batching import pad_sequences
-from studylib.lm.trainer import LORA_TARGETS
+from studylib.lm.batching import pad_sequences, pad_token_id
+from studylib.lm.lora import add_lora
+from studylib.results import write_atomic
 
 
 class RewardModel(nn.Module):
@@ -125,18 +127,6 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tens
     return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
 
 
-def _add_lora(backbone: nn.Module, lora_r: int, lora_alpha: int) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    present = {name.rsplit(".", 1)[-1] for name, _ in backbone.named_modules()}
-    targets = [m for m in LORA_TARGETS if m in present]
-    if not targets:
-        raise ValueError(f"none of the LoRA target modules {LORA_TARGETS} exist in the backbone")
-    return get_peft_model(
-        backbone, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets)
-    )
-
-
 def train_reward_model(
     model: PreTrainedModel,
     tokenizer,
@@ -148,7 +138,7 @@ def train_reward_model(
     batch_size: int = 8,
     use_lora: bool = False,
     lora_r: int = 16,
-    lora_alpha: int = 32,
+    lora_alpha: int | None = None,
     max_grad_norm: float = 10.0,
     seed: int = 0,
     output_dir: str | Path | None = None,
@@ -166,13 +156,10 @@ def train_reward_model(
     missing = [k for k in ("prompt_ids", "chosen_ids", "rejected_ids") if k not in pair_rows[0]]
     if missing:
         raise ValueError(f"reward model training needs paired rows; the rows lack {missing}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    reward_model = RewardModel.from_causal_lm(model, pad_id, seed)
+    reward_model = RewardModel.from_causal_lm(model, pad_token_id(tokenizer), seed)
     reward_model.backbone.requires_grad_(True)
-    if use_lora:
-        with torch.random.fork_rng(devices=[]):  # seeded adapter init, global RNG untouched
-            torch.manual_seed(seed)
-            reward_model.backbone = _add_lora(reward_model.backbone, lora_r, lora_alpha)
+    if use_lora:  # seeded adapter init, global RNG untouched
+        reward_model.backbone = add_lora(reward_model.backbone, r=lora_r, alpha=lora_alpha, task_type=None, seed=seed)
     reward_model.train()
     params = [p for p in reward_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -214,15 +201,16 @@ def train_reward_model(
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        torch.save(reward_model.state_dict(), out / "reward_model.pt")
-        (out / "reward_history.json").write_text(json.dumps(history, indent=2))
+        buffer = io.BytesIO()
+        torch.save(reward_model.state_dict(), buffer)
+        write_atomic(out / "reward_history.json", json.dumps(history, indent=2))
+        write_atomic(out / "reward_model.pt", buffer.getvalue())  # last: its presence marks a complete fit
     return reward_model, history
 
 
 def load_reward_model(model: PreTrainedModel, tokenizer, path: str | Path) -> RewardModel:
     """A reward model saved by ``train_reward_model(output_dir=...)``, rebuilt on a copy of ``model``'s backbone."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    reward_model = RewardModel.from_causal_lm(model, pad_id)
+    reward_model = RewardModel.from_causal_lm(model, pad_token_id(tokenizer))
     path = Path(path)
     state = torch.load(
         path / "reward_model.pt" if path.is_dir() else path, map_location=next(model.parameters()).device

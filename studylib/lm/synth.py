@@ -21,23 +21,19 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from datasets import Dataset
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from studylib.lm.annotators import AnnotatorPool
-from studylib.lm.batching import sample_new_tokens
 from studylib.lm.data import Messages, encode_prompt
 from studylib.lm.models import cache_root
+from studylib.lm.sampling import ended_with_eos, sample_completions
+from studylib.results import atomic_directory
 
 SYNTH_VERSION = 1
 PROMPTS_PATH = Path(__file__).resolve().parents[2] / "data" / "prompts.jsonl"
@@ -55,8 +51,7 @@ def load_prompts(path: str | Path | None = None) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
-def sample_completions(
+def sample_texts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[Messages],
@@ -67,36 +62,27 @@ def sample_completions(
     batch_size: int = 16,
     progress: bool = True,
 ) -> list[tuple[str, bool]]:
-    """One sampled completion per prompt: ``(text, finished)``, ``finished`` meaning it ended with EOS.
-
-    Left-padded batches, pure sampling (top-k and top-p off). Batch ``b`` is seeded with ``seed`` and
-    ``b``, so results do not depend on what ran before; the global torch RNG is left untouched.
-    """
-    device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = eos if pad is None else pad
-    was_training = model.training
-    model.eval()
+    """One sampled completion per prompt (``studylib.lm.sampling``): ``(text, finished)``, ``finished`` meaning
+    it ended with EOS. The text is decoded without special tokens and stripped."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    out: list[tuple[str, bool]] = []
-    batches = range(0, len(encoded), batch_size)
-    for b, start in enumerate(tqdm(batches, desc="sampling completions", disable=not progress)):
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-            torch.manual_seed(seed * 1_000_003 + b)
-            generated = sample_new_tokens(
-                model,
-                encoded[start : start + batch_size],
-                pad_id=pad,
-                eos_id=eos,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-            )
-        for row in generated:
-            finished = eos in row
-            text = tokenizer.decode(row[: row.index(eos)] if finished else row, skip_special_tokens=True)
-            out.append((text.strip(), finished))
-    model.train(was_training)
-    return out
+    completions = sample_completions(
+        model,
+        tokenizer,
+        encoded,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        temperature=temperature,
+        batch_size=batch_size,
+        desc="sampling completions" if progress else None,
+    )
+    eos = tokenizer.eos_token_id
+    return [
+        (
+            tokenizer.decode(c[:-1] if ended_with_eos(c, eos) else c, skip_special_tokens=True).strip(),
+            ended_with_eos(c, eos),
+        )
+        for c in completions
+    ]
 
 
 @dataclass
@@ -207,7 +193,7 @@ def build_offline_preferences(
     train_rows, eval_rows = chosen[: n_prompts - n_eval], chosen[n_prompts - n_eval :]
     messages = [[{"role": "user", "content": r["prompt"]}] for r in train_rows]
     expanded = [m for m in messages for _ in range(completions_per_prompt)]
-    samples = sample_completions(
+    samples = sample_texts(
         model,
         tokenizer,
         expanded,
@@ -267,21 +253,12 @@ def build_offline_preferences(
     eval_prompts = [[{"role": "user", "content": r["prompt"]}] for r in eval_rows]
     meta = {"config": config, "stats": stats, "preferred_fraction": preferred_fraction}
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
-    try:
+    with atomic_directory(target) as tmp:
         _write_jsonl(tmp / "unpaired_train.jsonl", unpaired)
         _write_jsonl(tmp / "paired_train.jsonl", paired)
         _write_jsonl(tmp / "samples.jsonl", sample_rows)
         (tmp / "eval_prompts.json").write_text(json.dumps(eval_prompts, ensure_ascii=False))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / "meta.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     result = _load(target)
     result.from_cache = False
     return result

@@ -129,16 +129,47 @@ def unpaired_metrics(rewards: Tensor, policy_logps: Tensor, labels: Tensor) -> M
 
 
 class Loss:
-    """Base of every loss. Subclasses set ``name``, ``kind`` and implement ``__call__``.
+    """Base of every loss. Subclasses set ``name`` and ``kind``, declare what they need, and implement ``__call__``.
 
-    ``kind`` tells a trainer which batch to build:
-    ``paired`` (chosen/rejected log-probs), ``unpaired`` (log-probs with labels), ``on_policy``
-    (log-probs of samples from the policy with their rewards).
+    What a loss needs is declared here, as class attributes, and read by one routing function
+    (``studylib.lm.experiment.plan_training``) and the trainers; nothing outside ``studylib.losses`` tests a
+    loss's name.
+
+    - ``kind``: the rows a step needs: ``paired`` (chosen/rejected log-probs), ``unpaired`` (log-probs with
+      labels), ``on_policy`` (log-probs of samples from the current policy, with their rewards).
+    - ``uses_reference``: the loss reads reference log-probs (a reference-free loss never runs a reference
+      forward; a KL term, see ``kl_coefficient``, still needs the reference).
+    - ``needs_reward_model``: the loss needs rewards ``R(x, y)`` (on-policy rewards, distillation's soft labels).
+    - ``mismatched_pairs``: the loss needs log-probs of prompts paired with other rows' completions (KTO's z0).
+    - ``length_normalized``: log-probs are averaged over completion tokens instead of summed (SimPO).
+    - ``takes_class_fraction``: the loss takes ``preferred_fraction``, the whole training set's preferred
+      fraction (per-class reductions), and ``alpha="auto"`` means that fraction.
+    - ``kl_coefficient``: the coefficient of an added ``beta KL(pi || pi_0)`` term (0 for none); a positive one
+      needs samples from the policy and a reference.
     """
 
     name: ClassVar[str]
     kind: ClassVar[str]
     uses_reference: ClassVar[bool] = True
+    needs_reward_model: ClassVar[bool] = False
+    mismatched_pairs: ClassVar[bool] = False
+    length_normalized: ClassVar[bool] = False
+    takes_class_fraction: ClassVar[bool] = False
+
+    @property
+    def kl_coefficient(self) -> float:
+        """``beta`` of an added ``beta KL(pi || pi_0)`` term estimated from policy samples (0: none)."""
+        return 0.0
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a run of this loss computes reference log-probs at all."""
+        return self.uses_reference or self.kl_coefficient > 0
+
+    @property
+    def samples_policy(self) -> bool:
+        """Whether a step needs fresh samples from the current policy (on-policy, or a KL term)."""
+        return self.kind == "on_policy" or self.kl_coefficient > 0
 
     def hparams(self) -> dict[str, object]:
         """The knobs this loss was built with (for stamping results)."""
@@ -153,6 +184,7 @@ class UnpairedDensityRatioLoss(Loss):
     """Shared plumbing of DDRO and RDRO: per-row losses for + and - rows, then a class reduction."""
 
     kind = "unpaired"
+    takes_class_fraction = True
 
     def __init__(self, reduction: str = "per_class", preferred_fraction: float | None = None) -> None:
         if reduction not in REDUCTIONS:

@@ -28,6 +28,7 @@ class ReverseKL(Loss):
 
     name = "reverse_kl"
     kind = "on_policy"
+    needs_reward_model = True
 
     def __init__(self, gamma: float = 0.01, beta: float = 0.05) -> None:
         self.gamma = check_non_negative("gamma", gamma)

@@ -1,4 +1,4 @@
-"""Paired losses: DPO (baseline), preference MLE and preference distillation (paper 3).
+"""Paired losses: DPO and SimPO (baselines), preference MLE and preference distillation (paper 3).
 
 Each takes per-sequence log-probs of the chosen (winner) and rejected (loser) completion of every pair.
 Paper 3's objectives may add ``beta KL(pi || pi_0)``: that term needs samples from the policy (LM) or
@@ -74,6 +74,42 @@ class DPO(Loss):
         return loss, paired_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
 
 
+class SimPO(Loss):
+    """Simple Preference Optimization (Meng, Xia and Chen, 2024), TRL's ``CPOTrainer`` with ``loss_type="simpo"``.
+
+    ``loss = -log sigmoid(beta (avg log pi(y_w) - avg log pi(y_l)) - gamma)``
+
+    with ``avg log pi(y) = log pi(y|x) / |y|`` (the mean over completion tokens: ``length_normalized``) and a
+    target margin ``gamma``. Reference-free: no reference log-probs are computed for it. Like DPO it fits a
+    Bradley-Terry model (here on length-normalised log-probs), so it has no consistency guarantee under
+    intransitive preferences. Defaults: beta 2.0, gamma 1.0 (gamma / beta = 0.5, the SimPO repository's
+    Llama-3-8B setting).
+    """
+
+    name = "simpo"
+    kind = "paired"
+    uses_reference = False
+    length_normalized = True
+
+    def __init__(self, beta: float = 2.0, gamma: float = 1.0) -> None:
+        self.beta = check_positive("beta", beta)
+        self.gamma = check_non_negative("gamma", gamma)
+
+    def __call__(
+        self,
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        reference_chosen_logps: Tensor | None = None,
+        reference_rejected_logps: Tensor | None = None,
+        **unused: Tensor,
+    ) -> LossOutput:
+        check_tensors(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+        chosen_rewards = self.beta * policy_chosen_logps
+        rejected_rewards = self.beta * policy_rejected_logps
+        loss = -F.logsigmoid(chosen_rewards - rejected_rewards - self.gamma).mean()
+        return loss, paired_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+
+
 class PMLE(Loss):
     """Preference maximum likelihood (Yun et al., "Alignment as Distribution Learning", v2; read).
 
@@ -87,10 +123,15 @@ class PMLE(Loss):
 
     name = "pmle"
     kind = "paired"
+    uses_reference = False
 
     def __init__(self, gamma: float = 5e-3, beta: float = 0.0) -> None:
         self.gamma = check_positive("gamma", gamma)
         self.beta = check_non_negative("beta", beta)
+
+    @property
+    def kl_coefficient(self) -> float:
+        return self.beta
 
     def __call__(
         self,
@@ -129,10 +170,16 @@ class PreferenceDistillation(Loss):
 
     name = "distill"
     kind = "paired"
+    uses_reference = False
+    needs_reward_model = True
 
     def __init__(self, gamma: float = 0.1, beta: float = 0.05) -> None:
         self.gamma = check_positive("gamma", gamma)
         self.beta = check_non_negative("beta", beta)
+
+    @property
+    def kl_coefficient(self) -> float:
+        return self.beta
 
     def __call__(
         self,

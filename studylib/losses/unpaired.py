@@ -34,6 +34,7 @@ class KTO(Loss):
 
     name = "kto"
     kind = "unpaired"
+    mismatched_pairs = True
 
     def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> None:
         self.beta = check_positive("beta", beta)

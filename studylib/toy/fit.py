@@ -317,7 +317,7 @@ def fit_paired(
     """
     counts = _t(counts)
     B = counts.shape[0]
-    beta = loss_fn.beta if loss_fn.name in ("pmle", "distill") else 0.0
+    beta = loss_fn.kl_coefficient
 
     def rows(u: Tensor, ref_margin: Tensor) -> dict[str, Tensor]:
         extra = {"kl_penalty": torch.zeros((), dtype=DTYPE)} if beta else {}  # the exact KL is added below

@@ -26,7 +26,7 @@ def stability_methods(problem: TabularProblem, alpha: float | None = None, beta:
     return [
         Method("DDRO", "ddro", {"reduction": "per_class"}),
         Method(f"RDRO (alpha={alpha:g})", "rdro", {"alpha": alpha, "reduction": "per_class"}),
-        Method(f"KTO (beta={beta:g})", "kto", {"beta": beta}, "kto"),
+        Method(f"KTO (beta={beta:g})", "kto", {"beta": beta}),
     ]
 
 
@@ -83,7 +83,7 @@ def stability_run(
             logp = torch.log_softmax(theta, -1)
             bx, by = x[idx], y[idx]
             extra = {}
-            if method.fit == "kto":
+            if loss_fn.mismatched_pairs:
                 shifted = torch.roll(by, 1)
                 extra = {"policy_kl_logps": logp[bx, shifted], "reference_kl_logps": log_ref[bx, shifted]}
             loss, metrics = loss_fn(logp[bx, by], log_ref[bx, by], labels[idx], **extra)

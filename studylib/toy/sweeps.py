@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
-from studylib.losses import Loss, get_loss
+from studylib.losses import LOSSES, Loss, get_loss
 from studylib.toy import fit
 from studylib.toy.problems import TabularProblem, expected_counts, forward_kl, label_counts, sample_counts
 
@@ -24,19 +24,29 @@ BETA_GRID: tuple[float, ...] = tuple(2.0**k for k in range(-3, 5))
 
 @dataclass(frozen=True)
 class Method:
-    """A method of the sweep: a registry loss with its knobs and how the toy fits it.
+    """A method of the sweep: a registry loss with its knobs.
 
-    ``fit``: ``unpaired`` (label counts), ``kto`` (unpaired, z0 fixed point), ``paired`` (pair counts),
-    ``distill`` / ``on_policy`` (from the Bradley-Terry reward model fitted on the pairs). ``tune`` names a knob
-    chosen per n from ``grid`` by the smallest mean KL over seeds (paper 3 tunes the KL coefficient per n).
+    ``tune`` names a knob chosen per n from ``grid`` by the smallest mean KL over seeds (paper 3 tunes the KL
+    coefficient per n). How the toy fits the method (``fit``) follows from what the loss declares.
     """
 
     label: str
     loss: str
     knobs: Mapping[str, object] = field(default_factory=dict)
-    fit: str = "unpaired"
     tune: str | None = None
     grid: tuple[float, ...] = ()
+
+    @property
+    def fit(self) -> str:
+        """``unpaired`` (label counts), ``unpaired_z0`` (unpaired with mismatched pairs: KTO's z0 as a fixed point),
+        ``paired`` (pair counts), ``paired_soft`` (soft labels) / ``on_policy`` (both from the Bradley-Terry reward
+        model fitted on the pairs)."""
+        cls = LOSSES[self.loss]
+        if cls.kind == "unpaired":
+            return "unpaired_z0" if cls.mismatched_pairs else "unpaired"
+        if cls.kind == "paired":
+            return "paired_soft" if cls.needs_reward_model else "paired"
+        return "on_policy"
 
     def build(self, value: float | None = None) -> Loss:
         """The library loss, with the tuned knob set to ``value`` if this method tunes one."""
@@ -57,8 +67,8 @@ def default_methods(problem: TabularProblem) -> list[Method]:
         return [
             Method("DDRO", "ddro"),
             Method("RDRO (alpha=1/2)", "rdro", {"alpha": 0.5}),
-            Method("DPO (beta=1)", "dpo", {"beta": 1.0}, "paired"),
-            Method("KTO (beta=1)", "kto", {"beta": 1.0}, "kto"),
+            Method("DPO (beta=1)", "dpo", {"beta": 1.0}),
+            Method("KTO (beta=1)", "kto", {"beta": 1.0}),
         ]
     if problem.name == "S2":
         q = round(problem.preferred_fraction, 6)
@@ -66,16 +76,16 @@ def default_methods(problem: TabularProblem) -> list[Method]:
             Method(f"RDRO per-class (alpha={q:.2f})", "rdro", {"alpha": q, "reduction": "per_class"}),
             Method(f"RDRO flat (alpha={q:.2f})", "rdro", {"alpha": q, "reduction": "flat"}),
             Method("DDRO", "ddro"),
-            Method("KTO (beta=1)", "kto", {"beta": 1.0}, "kto"),
+            Method("KTO (beta=1)", "kto", {"beta": 1.0}),
         ]
     if problem.name == "S3":
         g = problem.gamma
         return [
-            Method("PMLE", "pmle", {"gamma": g, "beta": 0.0}, "paired"),
-            Method("distillation", "distill", {"gamma": g, "beta": 0.0}, "distill"),
-            Method("reverse KL", "reverse_kl", {"gamma": g, "beta": 0.0}, "on_policy"),
-            Method("RLHF (beta tuned)", "rlhf", {}, "on_policy", "beta", BETA_GRID),
-            Method("DPO (beta tuned)", "dpo", {}, "paired", "beta", BETA_GRID),
+            Method("PMLE", "pmle", {"gamma": g, "beta": 0.0}),
+            Method("distillation", "distill", {"gamma": g, "beta": 0.0}),
+            Method("reverse KL", "reverse_kl", {"gamma": g, "beta": 0.0}),
+            Method("RLHF (beta tuned)", "rlhf", {}, "beta", BETA_GRID),
+            Method("DPO (beta tuned)", "dpo", {}, "beta", BETA_GRID),
         ]
     raise KeyError(f"no default methods for problem {problem.name!r}")
 
@@ -86,13 +96,13 @@ def fit_method(
     """Fit one method on stacked data sets ``counts`` (B, C, K, K | 2); returns log pi (B, C, K) and solver info."""
     if method.fit == "unpaired":
         return fit.fit_unpaired(problem, label_counts(problem, counts), loss, ridge)
-    if method.fit == "kto":
+    if method.fit == "unpaired_z0":
         return fit.fit_kto(problem, label_counts(problem, counts), loss, ridge)
     if method.fit == "paired":
         return fit.fit_paired(problem, counts, loss, ridge)
     if rewards is None:
         raise ValueError(f"{method.label} needs the reward model's table")
-    if method.fit == "distill":
+    if method.fit == "paired_soft":
         return fit.fit_distill(problem, rewards, loss)
     if method.fit == "on_policy":
         return fit.fit_on_policy(problem, rewards, loss)
@@ -116,7 +126,7 @@ def consistency_sweep(
     counts = sample_counts(problem, sizes, seeds)
     stacked = counts.reshape(len(sizes) * len(seeds), *counts.shape[2:])
     rewards = None
-    if any(m.fit in ("distill", "on_policy") for m in methods):
+    if any(m.fit in ("paired_soft", "on_policy") for m in methods):
         rewards, _ = fit.fit_reward_model(problem, stacked, ridge)
     grid_n, grid_seed = np.meshgrid(np.asarray(sizes), np.asarray(seeds), indexing="ij")
     frames = []
@@ -155,7 +165,7 @@ def population_limits(problem: TabularProblem, methods: Sequence[Method] | None 
     methods = default_methods(problem) if methods is None else list(methods)
     counts = expected_counts(problem, 1e12)[None]
     rewards = None
-    if any(m.fit in ("distill", "on_policy") for m in methods):
+    if any(m.fit in ("paired_soft", "on_policy") for m in methods):
         rewards, _ = fit.fit_reward_model(problem, counts)
     rows = []
     for method in methods:
