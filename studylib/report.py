@@ -55,6 +55,32 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def run_conclusion(record: dict) -> str:
+    """What one run shows, in sentences built from its own record (``metrics.json``), with the binomial standard
+    error of its win rate so a reader can tell a difference from noise."""
+    n, win = record["n_prompts"], record["win_rate"]
+    se = (max(win * (1 - win), 0.25 / n) / n) ** 0.5  # binomial; kept above 0 for a win rate of 0 or 1
+    verdict = (
+        "beats the reference beyond two standard errors"
+        if win - 2 * se > 0.5
+        else "loses to the reference beyond two standard errors"
+        if win + 2 * se < 0.5
+        else "is within two standard errors of a tie with the reference"
+    )
+    lines = [
+        f"- **{record['loss']}** on `{record['dataset']}`, seed {record['seed']}, {record['steps']} optimizer steps "
+        f"({record['train_seconds']:.0f} s of training).",
+        f"- Win rate against the reference {win:.3f} over {n} held-out prompts (standard error {se:.3f}): the "
+        f"policy {verdict}.",
+        f"- Approval {record['approval']:.3f} against the reference's {record['reference_approval']:.3f}; "
+        f"$\\mathrm{{KL}}(\\pi \\,\\|\\, \\pi_{{\\mathrm{{ref}}}})$ = {record['kl']:.2f} nats per completion; "
+        f"mean length {record['length']:.1f} tokens (reference {record['reference_length']:.1f}).",
+    ]
+    flags = record.get("flags") or []
+    lines.append("- Flags: " + ("; ".join(flags) if flags else "none (no collapse, KL within bound)."))
+    return "\n".join(lines)
+
+
 def method_table(runs: pd.DataFrame, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
     """Methods x data sets, each metric as ``mean ± sd`` over seeds (and the seed count)."""
     main = runs[runs.get("sweep", pd.Series(False, index=runs.index)).fillna(False) == False]  # noqa: E712

@@ -3,13 +3,17 @@
 A study config (``studies/<profile>.yaml``) lists runs; each names a notebook and its parameters, and a
 ``grid`` of parameters to expand (every combination becomes one run; a grid entry may be a mapping with a
 ``name``, whose other keys are set together, e.g. a method with its knobs). ``{results_dir}`` and
-``{profile}`` in string parameters are filled in. Top-level keys, notebook names and every parameter name
-are checked when the config is loaded (a parameter must be defined by the notebook's ``parameters`` cell).
-Each run's executed notebook goes to ``<results_dir>/notebooks/<run name>.ipynb`` with an HTML export
-beside it. A run whose executed copy
-and ``.done`` stamp (recording its parameters) exist is skipped unless ``force``. A failing notebook is
-kept, with its error, as ``<run name>.failed.ipynb``; the runner finishes the other runs and then
-raises, naming every failure.
+``{profile}`` in string parameters are filled in. When a config loads (so ``--list`` catches them), its
+top-level keys, notebook names, every parameter's name (defined by the notebook's ``parameters`` cell) and
+type (a number where the default is a number; YAML 1.2 numbers, so ``1e-3`` is one) are checked, and a
+language-model run's knobs as the run will check them.
+
+Each run's executed notebook goes to ``<results_dir>/notebooks/<run name>.ipynb`` with an HTML export beside
+it. A run is skipped only if it is complete on this machine (``is_complete``: its local ``.done`` stamp, never
+committed, records these parameters and every output it wrote still exists), unless ``force``. A failing
+notebook is kept, with its error, as ``<run name>.failed.ipynb``; the runner finishes the other runs and then
+raises, naming every failure. ``study-<profile>.json`` records each run (status, seconds, code version), and
+the profile's ``compare`` tables are compared with their committed versions at the end.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import ast
 import itertools
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +29,10 @@ from typing import Any
 
 import yaml
 from tqdm.auto import tqdm
+
+from studylib.checks import check_like_default
+from studylib.compare import what_moved
+from studylib.results import git_commit, resolve, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = ROOT / "studies"
@@ -53,7 +62,56 @@ def _fill(value: Any, context: dict[str, str]) -> Any:
     return value
 
 
-TOP_LEVEL_KEYS = ("profile", "description", "results_dir", "defaults", "runs")
+TOP_LEVEL_KEYS = ("profile", "description", "results_dir", "defaults", "runs", "compare")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2's numbers: ``1e-3`` is a float (YAML 1.1, PyYAML's default, reads it as text)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _parameter_defaults(path: Path) -> dict[str, Any]:
+    """The literal default of each parameter of a notebook's ``parameters`` cell (None where not a literal)."""
+    cells = json.loads(path.read_text())["cells"]
+    source = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))["source"]
+    defaults = {}
+    for node in ast.parse(source if isinstance(source, str) else "".join(source)).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            try:
+                defaults[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                defaults[node.targets[0].id] = None
+    return defaults
+
+
+def _check_types(path: Path, where: str, notebook: str, params: dict[str, Any]) -> None:
+    """Each parameter must be like its default in the notebook's parameters cell (``checks.check_like_default``)."""
+    defaults = _parameter_defaults(NOTEBOOKS / f"{notebook}.ipynb")
+    for name, value in params.items():
+        try:
+            check_like_default(f"parameter {name!r} of {notebook}", value, defaults.get(name))
+        except ValueError as err:
+            raise StudyError(f"{path}: {where}: {err}") from None
+
+
+def _check_lm_run(path: Path, where: str, params: dict[str, Any]) -> None:
+    """A language-model run's knobs, checked as the run itself will check them (``RunConfig.from_flat``)."""
+    from studylib.lm.config import RunConfig
+
+    try:
+        RunConfig.from_flat(params)
+    except (ValueError, TypeError, KeyError) as err:
+        raise StudyError(f"{path}: {where}: {err}") from None
+
+
+RUN_CHECKS = {"04_lm_alignment": _check_lm_run}
+"""Notebooks whose parameters are checked further when a config loads, by what the notebook runs."""
 
 
 def notebook_parameters(path: Path) -> tuple[str, ...]:
@@ -92,7 +150,13 @@ def load_study(profile: str, results_dir: str | Path | None = None) -> tuple[dic
     if not path.exists():
         known = sorted(p.stem for p in studies_dir.glob("*.yaml"))
         raise StudyError(f"no study profile {profile!r} (no {path}); known profiles: {', '.join(known)}")
-    config = yaml.safe_load(path.read_text())
+    try:
+        with path.open() as handle:  # a file stream: YAML's errors name the file, not "<unicode string>"
+            config = yaml.load(handle, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as err:
+        raise StudyError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(config, dict):
+        raise StudyError(f"{path}: expected a mapping with 'profile' and 'runs', got {type(config).__name__}")
     for key in ("profile", "runs"):
         if key not in config:
             raise StudyError(f"{path}: missing key {key!r}")
@@ -138,7 +202,11 @@ def load_study(profile: str, results_dir: str | Path | None = None) -> tuple[dic
                 suffix += f"-{key}={_slug(value)}"
             name = f"{spec.get('name', notebook)}{suffix}"
             _check_parameters(path, f"run {name!r}", notebook, params)
-            runs.append(Run(notebook, name, _fill(params, context)))
+            params = _fill(params, context)
+            _check_types(path, f"run {name!r}", notebook, params)
+            if notebook in RUN_CHECKS:
+                RUN_CHECKS[notebook](path, f"run {name!r}", params)
+            runs.append(Run(notebook, name, params))
     names = [r.name for r in runs]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
@@ -152,9 +220,7 @@ def _export_html(notebook_path: Path) -> None:
     from nbconvert import HTMLExporter
 
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook_path, as_version=4))
-    tmp = notebook_path.with_suffix(".html.tmp")
-    tmp.write_text(body)
-    tmp.replace(notebook_path.with_suffix(".html"))
+    write_atomic(notebook_path.with_suffix(".html"), body)
 
 
 def execute_run(run: Run, out_dir: Path, kernel_name: str = "python3") -> Path:
@@ -183,6 +249,31 @@ def execute_run(run: Run, out_dir: Path, kernel_name: str = "python3") -> Path:
     return final
 
 
+def _mtimes(root: Path) -> dict[Path, int]:
+    """Modification times of every file under ``root`` except the runner's own (executed notebooks, stamps)."""
+    if not root.is_dir():
+        return {}
+    notebooks = root / "notebooks"
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and notebooks not in p.parents}
+
+
+def is_complete(run: Run, stamp: Path, out_dir: Path) -> bool:
+    """A run is complete when this machine ran it with these parameters and every file it wrote is still there.
+
+    The stamp (``<run>.done``, never committed) records the parameters and the outputs; a fresh clone has
+    none, so it runs everything; a deleted output makes its run stale, so it is rebuilt.
+    """
+    if not stamp.is_file() or not (out_dir / f"{run.name}.ipynb").is_file():
+        return False
+    record = json.loads(stamp.read_text())
+    outputs = [ROOT / o for o in record.get("outputs", [])]
+    return record.get("parameters") == run.parameters and all(o.is_file() for o in outputs)
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def run_study(
     profile: str,
     *,
@@ -191,20 +282,31 @@ def run_study(
     only: str | None = None,
     html: bool = True,
 ) -> list[str]:
-    """Execute every run of a profile; returns the names of the runs executed (not skipped)."""
+    """Execute every run of a profile that is not complete (``is_complete``), or every run with ``force``;
+    returns the names of the runs executed.
+
+    Writes ``<results_dir>/study-<profile>.json`` with one entry per run (status, seconds, code version) and,
+    for the profile's ``compare`` tables, prints what moved against their committed versions.
+    """
     header, runs = load_study(profile, results_dir)
     if only:
         runs = [r for r in runs if only in r.name]
-    out_dir = Path(header["results_dir"]) / "notebooks"
+    results = Path(header["results_dir"])
+    out_dir = results / "notebooks"
+    summary_path = results / f"study-{profile}.json"
+    previous = json.loads(summary_path.read_text()).get("runs", {}) if summary_path.is_file() else {}
+    if not isinstance(previous, dict):
+        previous = {}
     executed, failures = [], []
-    started = time.time()
+    commit = git_commit()
     progress = tqdm(runs, desc=f"study {profile}", unit="notebook")
     for run in progress:
         progress.set_postfix_str(run.name)
         stamp = out_dir / f"{run.name}.done"
-        if not force and stamp.exists() and json.loads(stamp.read_text()).get("parameters") == run.parameters:
+        if not force and is_complete(run, stamp, out_dir):
+            previous.setdefault(run.name, {"notebook": run.notebook})["status"] = "complete, skipped"
             continue
-        t0 = time.time()
+        before, t0 = _mtimes(results), time.time()
         try:
             path = execute_run(run, out_dir)
         except Exception as err:  # keep going: report every failure at the end
@@ -212,19 +314,31 @@ def run_study(
                 reason = f"{err.ename}: {err.evalue} (in cell [{err.exec_count}])"
             else:
                 reason = f"{type(err).__name__}: {str(err).strip()[:300]}"
-            failures.append(f"{run.name} ({run.notebook}.ipynb): {reason}")
+            failed = out_dir / f"{run.name}.failed.ipynb"
+            kept = f"kept as {_shown(failed)}" if failed.exists() else "no notebook was written"
+            failures.append(f"{run.name} ({run.notebook}.ipynb): {reason} [{kept}]")
+            stamp.unlink(missing_ok=True)
+            previous[run.name] = {"notebook": run.notebook, "status": "failed", "reason": reason, "commit": commit}
             continue
         if html:
             _export_html(path)
-        stamp.write_text(json.dumps({"parameters": run.parameters, "seconds": round(time.time() - t0, 1)}, indent=2))
+        seconds = round(time.time() - t0, 1)
+        outputs = sorted(_shown(p) for p, m in _mtimes(results).items() if before.get(p) != m)
+        record = {"parameters": run.parameters, "seconds": seconds, "commit": commit, "outputs": outputs}
+        write_atomic(stamp, json.dumps(record, indent=2))
+        previous[run.name] = {"notebook": run.notebook, "status": "executed", "seconds": seconds, "commit": commit}
         executed.append(run.name)
-    elapsed = time.time() - started
-    summary = {"profile": profile, "runs": len(runs), "executed": len(executed), "seconds": round(elapsed, 1)}
-    Path(header["results_dir"]).mkdir(parents=True, exist_ok=True)
-    (Path(header["results_dir"]) / f"study-{profile}.json").write_text(json.dumps(summary, indent=2))
-    if failures:
-        kept = out_dir.relative_to(ROOT) if out_dir.is_relative_to(ROOT) else out_dir
-        raise StudyError(
-            f"{len(failures)} notebook(s) failed (kept as *.failed.ipynb in {kept}):\n" + "\n".join(failures)
+    names = [r.name for r in load_study(profile, results_dir)[1]]
+    ordered = {name: previous[name] for name in names if name in previous}
+    total = round(sum(r.get("seconds", 0.0) for r in ordered.values()), 1)
+    write_atomic(
+        summary_path, json.dumps({"profile": profile, "seconds_of_recorded_runs": total, "runs": ordered}, indent=2)
+    )
+    if executed and header.get("compare"):
+        moved = what_moved(
+            [resolve(str(_fill(c, {"results_dir": _shown(results), "profile": profile}))) for c in header["compare"]]
         )
+        print("What moved against the committed tables:\n  " + "\n  ".join(moved))
+    if failures:
+        raise StudyError(f"{len(failures)} notebook(s) failed:\n" + "\n".join(failures))
     return executed

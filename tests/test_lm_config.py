@@ -40,7 +40,11 @@ def test_from_flat_places_knobs_and_round_trips():
     config = RunConfig.from_flat({"loss": "dpo", "learning_rate": 1e-3, "dataset": "ufb", "eval_prompts": 4})
     assert config.train.learning_rate == 1e-3 and config.data.dataset == "ufb" and config.eval.eval_prompts == 4
     assert RunConfig.from_flat(config.to_flat()) == config
-    assert config.name() == "ufb-dpo-seed=0"
+    assert config.name() == f"ufb-dpo-seed=0-{config.identity_hash()}"
+    assert (
+        RunConfig.from_flat(config.to_flat() | {"results_dir": "elsewhere", "logging_steps": 5}).name() == config.name()
+    )
+    assert RunConfig.from_flat(config.to_flat() | {"seed": 1}).identity_hash() != config.identity_hash()
 
 
 def test_unknown_knob_is_an_error_naming_it():

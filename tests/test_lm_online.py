@@ -114,27 +114,57 @@ def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, tokenizer):
     knobs = {"use_lora": True, "lora_r": 4, "prompts_per_step": 4}  # 4 of 6 prompts: steps cross an epoch
     loss = get_loss("reverse_kl")
 
-    def train_to(steps: int, output_dir=None):
-        return train_online(
-            tiny_model(tokenizer),
-            tokenizer,
-            loss,
-            config(max_steps=steps, save_steps=2, **knobs),
-            prompt_ids=prompts,
-            reward_fn=low_byte_reward,
-            output_dir=output_dir,
-        )
-
-    straight, straight_history = train_to(4)
-    train_to(2, tmp_path / "run")
+    cfg = config(max_steps=4, save_steps=2, **knobs)
+    common = {"prompt_ids": prompts, "reward_fn": low_byte_reward}
+    straight, straight_history = train_online(tiny_model(tokenizer), tokenizer, loss, cfg, **common)
+    killed = OnlineTrainer(tiny_model(tokenizer), tokenizer, loss, cfg, output_dir=tmp_path / "run", **common)
+    for _ in range(2):  # two steps and their checkpoint, then the process dies
+        killed.train_step()
+    killed.save(tmp_path / "run")
     assert (tmp_path / "run" / "checkpoint-2" / "state.pt").is_file()
-    resumed, history = train_to(4, tmp_path / "run")
+    resumed, history = train_online(tiny_model(tokenizer), tokenizer, loss, cfg, output_dir=tmp_path / "run", **common)
     assert [e["step"] for e in history] == [1, 2, 3, 4]
     assert [e["loss"] for e in history] == pytest.approx([e["loss"] for e in straight_history], rel=1e-5)
     for (name, p), q in zip(resumed.named_parameters(), straight.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 4
+
+
+def test_resume_with_other_knobs_is_refused(tmp_path, tokenizer):
+    common = {"prompt_ids": prompts_for(tokenizer), "reward_fn": low_byte_reward, "output_dir": tmp_path}
+    train_online(tiny_model(tokenizer), tokenizer, get_loss("rlhf"), config(max_steps=1), **common)
+    with pytest.raises(ValueError, match=r"other knobs \(learning_rate: saved 0.01, now 0.1"):
+        train_online(
+            tiny_model(tokenizer), tokenizer, get_loss("rlhf"), config(max_steps=1, learning_rate=0.1), **common
+        )
+
+
+@pytest.mark.parametrize("where", ["weights", "gradient"])
+def test_divergence_stops_before_the_weights_go_bad(tmp_path, tokenizer, where):
+    prompts = prompts_for(tokenizer)
+    trainer = OnlineTrainer(
+        tiny_model(tokenizer),
+        tokenizer,
+        get_loss("rlhf"),
+        config(max_steps=3),
+        prompt_ids=prompts,
+        reward_fn=low_byte_reward,
+    )
+    trainer.train_step()
+    good = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    if where == "weights":  # NaN log-probs: named, not torch's sampling error
+        with torch.no_grad():
+            trainer.policy.lm_head.weight[0, 0] = float("nan")
+        match = "on-policy step 2: "
+    else:
+        trainer.policy.lm_head.weight.register_hook(lambda grad: grad * float("nan"))
+        match = "on-policy training diverged at step 2: the gradient norm is nan"
+    with pytest.raises(FloatingPointError, match=match):
+        trainer.train_step()
+    if where == "gradient":  # the bad gradient never reached the weights
+        for name, p in trainer.policy.named_parameters():
+            torch.testing.assert_close(p.detach(), good[name], msg=name)
 
 
 def test_bad_inputs_fail_clearly(tokenizer):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from studylib.lm.batching import score_sequences
 from studylib.lm.config import TrainConfig
@@ -146,13 +147,70 @@ def test_kto_mismatched_pairs_shift_completions(tokenizer):
     assert batch["kl_completion_mask"][0].tolist() == [0, 0, 1, 1]
 
 
-def test_training_resumes_from_checkpoint(tmp_path, tokenizer):
-    run(tmp_path, tokenizer, "rdro", model=tiny_model(tokenizer), max_steps=2, save_steps=2)
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAfterSave(TrainerCallback):
+    """Stops training right after the checkpoint of ``step`` is written, as a killed run would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupted
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, tokenizer):
+    knobs = {"max_steps": 4, "save_steps": 2, "lr_scheduler_type": "cosine", "warmup_ratio": 0.25}
+    straight = run(tmp_path / "straight", tokenizer, "rdro", model=tiny_model(tokenizer), **knobs)
+    interrupted = run(tmp_path, tokenizer, "rdro", model=tiny_model(tokenizer), build=True, **knobs)
+    interrupted.add_callback(InterruptAfterSave(2))
+    with pytest.raises(Interrupted):
+        interrupted.train()
     assert (tmp_path / "rdro" / "checkpoint-2").is_dir()
-    trainer = run(tmp_path, tokenizer, "rdro", model=tiny_model(tokenizer), max_steps=4, save_steps=2)
-    steps = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
-    assert trainer.state.global_step == 4
-    assert steps == [1, 2, 3, 4]  # history carried over from the checkpoint, steps 3-4 trained anew
+    resumed = run(tmp_path, tokenizer, "rdro", model=tiny_model(tokenizer), **knobs)
+    logged = [e for e in resumed.state.log_history if "loss" in e]
+    assert [e["step"] for e in logged] == [1, 2, 3, 4]  # history carried over, steps 3-4 trained anew
+    expected = [e["loss"] for e in straight.state.log_history if "loss" in e]
+    assert [e["loss"] for e in logged] == pytest.approx(expected, rel=1e-5)
+    for (name, p), q in zip(resumed.model.named_parameters(), straight.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_resume_with_other_knobs_is_refused(tmp_path, tokenizer):
+    run(tmp_path, tokenizer, "rdro", model=tiny_model(tokenizer), max_steps=2, save_steps=2)
+    with pytest.raises(ValueError, match=r"holds a run with other knobs \(learning_rate: saved 0.01, now 0.001"):
+        run(tmp_path, tokenizer, "rdro", model=tiny_model(tokenizer), max_steps=2, save_steps=2, learning_rate=1e-3)
+    with pytest.raises(ValueError, match=r"other knobs \(loss: saved .*alpha=0.5.*now .*alpha=0.3"):
+        run(tmp_path, tokenizer, "rdro", knobs={"alpha": 0.3}, max_steps=2, save_steps=2)
+
+
+@pytest.mark.parametrize("where", ["logps", "loss", "grad"])
+def test_divergence_stops_with_the_step_and_quantity_named(tmp_path, tokenizer, monkeypatch, where):
+    trainer = run(tmp_path, tokenizer, "dpo", build=True, max_steps=3, save_steps=1)
+    if where == "logps":  # a non-finite weight makes the policy's log-probs non-finite
+        with torch.no_grad():
+            next(p for p in trainer.model.parameters() if p.requires_grad).fill_(float("inf"))
+        message = "step 1: the policy's log-probs is not finite"
+    elif where == "loss":
+        original = trainer.loss_fn.__call__
+        monkeypatch.setattr(
+            type(trainer.loss_fn), "__call__", lambda self, *a, **k: (original(*a, **k)[0] * float("nan"), {})
+        )
+        message = "step 1: the loss is not finite"
+    else:
+        trainer.args.max_grad_norm = 0.0  # no clipping: the gradient norm is reported as computed
+
+        def nan_grad(grad):
+            return grad * float("nan")
+
+        next(p for p in trainer.model.parameters() if p.requires_grad).register_hook(nan_grad)
+        message = "step 1: the gradient norm is not finite"
+    with pytest.raises(FloatingPointError, match=message):
+        trainer.train()
+    assert not list((tmp_path / "dpo").glob("checkpoint-*"))  # the bad step saved nothing
 
 
 def test_bad_rows_fail_clearly(tmp_path, tokenizer):

@@ -45,10 +45,12 @@ def test_alpha_sweep_and_curves(smoke):
     results, *_ = smoke
     sweep = pd.read_csv(results / "report" / "rdro_alpha_sweep.csv")
     assert sorted(sweep["alpha"].round(2)) == [0.3, 0.5, 0.7]  # 0.5 = the fixture's preferred fraction ("auto")
-    curves = pd.read_csv(results / "lm" / "ufb-ddro-seed=0" / "curves.csv")
+    (ddro,) = (results / "lm").glob("ufb-ddro-seed=0-*")  # named by its knobs and their hash
+    curves = pd.read_csv(ddro / "curves.csv")
     assert {"loss", "grad_norm", "ratio/max", "guard/activations"} <= set(curves.columns)
     assert curves["step"].tolist() == [1, 2]
-    metrics = json.loads((results / "lm" / "ufb-rdro-alpha=auto-seed=0" / "metrics.json").read_text())
+    (rdro,) = (results / "lm").glob("ufb-rdro-alpha=auto-seed=0-*")
+    metrics = json.loads((rdro / "metrics.json").read_text())
     assert metrics["params"]["loss_kwargs"] == {"alpha": "auto"} and metrics["steps"] == 2
     assert 0 <= metrics["win_rate"] <= 1 and metrics["n_prompts"] == 3
 
@@ -69,3 +71,14 @@ def test_second_run_skips_completed_notebooks(smoke):
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     assert "executed 0 notebook(s)" in again.stdout
+    summary = json.loads((smoke[0] / "study-smoke.json").read_text())
+    assert len(summary["runs"]) == 20 and all(r["status"] == "complete, skipped" for r in summary["runs"].values())
+    assert all(r["seconds"] > 0 and r["commit"] for r in summary["runs"].values())  # kept from the first run
+
+
+def test_a_deleted_output_is_rebuilt(smoke):
+    results, cmd, env, _ = smoke
+    (results / "toy" / "t1_ratios.png").unlink()
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0
+    assert "executed 1 notebook(s)" in again.stdout and (results / "toy" / "t1_ratios.png").is_file()

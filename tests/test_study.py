@@ -127,6 +127,61 @@ def test_typos_fail_when_the_config_loads(sandbox, runs, top, message):
     assert main(["study", "--profile", "t", "--list"]) == 1  # --list catches them too, executing nothing
 
 
+def test_yaml_numbers_types_and_syntax(sandbox):
+    (sandbox / "studies" / "t.yaml").write_text("profile: t\nruns:\n  - notebook: job\n    parameters: {seed: 1e3}\n")
+    with pytest.raises(
+        study.StudyError, match=r"parameter 'seed' of job must be an integer \(its default is 0\), got 1000.0"
+    ):
+        study.load_study("t")  # 1e3 is a number (YAML 1.2), but not the integer the notebook expects
+    (sandbox / "studies" / "t.yaml").write_text("profile: t\nruns:\n  - notebook: job\n    parameters: {seed: 'x'}\n")
+    with pytest.raises(study.StudyError, match="must be an integer"):
+        study.load_study("t")
+    (sandbox / "studies" / "t.yaml").write_text("profile: t\nruns:\n  - notebook: job\n   parameters: [\n")
+    with pytest.raises(study.StudyError, match=r"(?s)t.yaml: not valid YAML: .*in \".*t.yaml\", line 4"):
+        study.load_study("t")
+
+
+def test_lm_knobs_are_checked_when_the_config_loads():
+    header, runs = study.load_study("smoke")
+    lm = next(r for r in runs if r.notebook == "04_lm_alignment")
+    assert isinstance(lm.parameters["learning_rate"], float)  # "0.001" in the YAML, a number here
+    with pytest.raises(study.StudyError, match="eval_prompts must be >= 1"):
+        study._check_lm_run(study.STUDIES / "smoke.yaml", "run 'x'", {**lm.parameters, "eval_prompts": 0})
+
+
+def test_a_failure_before_any_notebook_is_written_says_so(sandbox, monkeypatch):
+    import papermill
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(papermill, "execute_notebook", refuse)
+    write_profile(sandbox, [{"notebook": "job"}])
+    with pytest.raises(
+        study.StudyError, match=r"job \(job.ipynb\): RuntimeError: no kernel \[no notebook was written\]"
+    ):
+        study.run_study("t", results_dir=sandbox / "results", html=False)
+    summary = json.loads((sandbox / "results" / "study-t.json").read_text())
+    assert summary["runs"]["job"]["status"] == "failed"
+
+
+def test_completion_is_judged_by_outputs_not_by_a_committed_stamp(sandbox):
+    results = sandbox / "results"
+    output = results / "made.txt"
+    write_profile(sandbox, [{"notebook": "job", "parameters": {"out": str(output)}}])
+    assert study.run_study("t", results_dir=results, html=False) == ["job"]
+    stamp = json.loads((results / "notebooks" / "job.done").read_text())
+    assert (
+        stamp["outputs"] == [str(output.relative_to(study.ROOT)) if output.is_relative_to(study.ROOT) else str(output)]
+        or stamp["outputs"]
+    )
+    assert study.run_study("t", results_dir=results, html=False) == []  # complete: skipped
+    output.unlink()
+    assert study.run_study("t", results_dir=results, html=False) == ["job"]  # an output went missing: rebuilt
+    summary = json.loads((results / "study-t.json").read_text())
+    assert summary["runs"]["job"]["status"] == "executed" and summary["runs"]["job"]["seconds"] > 0
+
+
 def test_unknown_profile_lists_known_ones(sandbox):
     write_profile(sandbox, [{"notebook": "job"}])
     with pytest.raises(study.StudyError, match="no study profile 'nope'.*known profiles: t"):
@@ -148,7 +203,7 @@ def test_train_command_runs_one_experiment(tmp_path, monkeypatch):
     params = {
         "model": "tiny",
         "dataset": "ufb",
-        "dataset_path": "tests/fixtures/ufb.jsonl",
+        "dataset_path": "tests/fixtures/ufb_small",
         "loss": "rdro",
         "loss_kwargs": {"alpha": "auto"},
         "max_steps": 2,
@@ -160,7 +215,7 @@ def test_train_command_runs_one_experiment(tmp_path, monkeypatch):
     (tmp_path / "run.json").write_text(json.dumps(params))
     monkeypatch.chdir(study.ROOT)
     assert main(["train", "--params", str(tmp_path / "run.json")]) == 0
-    run_dir = tmp_path / "lm" / "ufb-rdro-alpha=auto-seed=0"
+    (run_dir,) = (tmp_path / "lm").glob("ufb-rdro-alpha=auto-seed=0-*")  # named by its knobs and their hash
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["training"]["trainer"] == "offline"
     outputs = json.loads((run_dir / "model_outputs.json").read_text())  # AlpacaEval format for hub-schema runs
@@ -186,7 +241,7 @@ def test_full_fine_tuning_run_completes_evaluation(tmp_path, monkeypatch):
     from studylib.lm.experiment import run_experiment
 
     monkeypatch.setenv("STUDYLIB_CACHE", str(tmp_path / "cache"))
-    knobs = {"model": "tiny", "dataset": "ufb", "dataset_path": "tests/fixtures/ufb.jsonl", "loss": "dpo"}
+    knobs = {"model": "tiny", "dataset": "ufb", "dataset_path": "tests/fixtures/ufb_small", "loss": "dpo"}
     knobs |= {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-2, "use_lora": False, "eval_prompts": 2}
     record = run_experiment(RunConfig.from_flat(knobs | {"eval_max_new_tokens": 6, "results_dir": str(tmp_path)}))
     assert record["steps"] == 2 and record["n_prompts"] == 2
@@ -198,7 +253,7 @@ def test_offline_distillation_without_kl_trains_on_reward_model_labels(tmp_path,
     params = {
         "model": "tiny",
         "dataset": "ufb",
-        "dataset_path": "tests/fixtures/ufb.jsonl",
+        "dataset_path": "tests/fixtures/ufb_small",
         "loss": "distill",
         "loss_kwargs": {"beta": 0.0},
         "max_steps": 2,
@@ -210,6 +265,7 @@ def test_offline_distillation_without_kl_trains_on_reward_model_labels(tmp_path,
     (tmp_path / "run.json").write_text(json.dumps(params))
     monkeypatch.chdir(study.ROOT)
     assert main(["train", "--params", str(tmp_path / "run.json")]) == 0
-    metrics = json.loads((tmp_path / "lm" / "ufb-distill-beta=0.0-seed=0" / "metrics.json").read_text())
+    (run_dir,) = (tmp_path / "lm").glob("ufb-distill-beta=0.0-seed=0-*")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["training"]["trainer"] == "offline" and metrics["steps"] == 2
     assert "reward_accuracy_held_out" in metrics["training"]

@@ -12,11 +12,16 @@ and a name that no part has is an error naming it (with the accepted names). Not
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from studylib.checks import check_like_default
 from studylib.lm.lora import LORA_TARGETS
+from studylib.losses import LOSSES, build_loss
 
 
 @dataclass
@@ -24,7 +29,9 @@ class DataConfig:
     """The preference data: the offline set (sampled from the model, labelled by the annotator pool) or a hub set."""
 
     dataset: str = "offline"  # offline | ufg | mix14k | ufb
-    dataset_path: str | None = None  # local files in the hub schema instead of the hub
+    dataset_path: str | None = None  # local files in the hub schema instead of the hub (a folder: its splits)
+    eval_dataset_path: str | None = None  # evaluation prompts from this file; None and a single-file dataset_path:
+    eval_fraction: float = 0.2  # ... this fraction of its distinct prompts is held out (drawn with data_seed)
     max_length: int = 192
     max_prompt_length: int = 96
     max_train_rows: int | None = None  # cap on hub data-set rows
@@ -82,6 +89,9 @@ class EvalConfig:
 
 
 PARTS = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+DATASETS = ("offline", "ufg", "mix14k", "ufb")
+NOT_IDENTITY = ("results_dir", "run_name", "sweep", "keep_checkpoints", "logging_steps", "save_steps")
+"""Knobs that do not change a run's result, and so are not part of its identity (``RunConfig.identity``)."""
 
 
 @dataclass
@@ -108,16 +118,93 @@ class RunConfig:
 
     @classmethod
     def from_flat(cls, knobs: dict[str, Any]) -> RunConfig:
-        """A run config from flat knobs; unknown names raise, naming them and the accepted ones."""
+        """A checked run config from flat knobs; unknown names and bad values raise, naming the knob."""
         unknown = sorted(set(knobs) - set(cls.flat_names()))
         if unknown:
             raise ValueError(f"unknown run knob(s) {unknown}; accepted: {', '.join(sorted(cls.flat_names()))}")
+        _check_types(knobs, cls().to_flat())
         parts = {
             name: part(**{f.name: knobs[f.name] for f in dataclasses.fields(part) if f.name in knobs})
             for name, part in PARTS.items()
         }
         own = {k: v for k, v in knobs.items() if k in {f.name for f in dataclasses.fields(cls)}}
-        return cls(**own, **parts)
+        config = cls(**own, **parts)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Every check that can be made before loading anything; raises ``ValueError`` naming the knob and value."""
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss: unknown loss {self.loss!r}; available: {', '.join(sorted(LOSSES))}")
+        loss_fn = build_loss(self.loss, self.loss_kwargs, preferred_fraction=0.5)  # knobs checked; "auto" a stand-in
+        data, train, ev = self.data, self.train, self.eval
+        if data.dataset not in DATASETS:
+            raise ValueError(f"dataset: {data.dataset!r} is not one of {', '.join(DATASETS)}")
+        rules = [
+            ("max_steps", train.max_steps, train.max_steps >= 1 or train.max_steps == -1, ">= 1, or -1 for epochs"),
+            ("batch_size", train.batch_size, train.batch_size >= 1, ">= 1"),
+            (
+                "gradient_accumulation_steps",
+                train.gradient_accumulation_steps,
+                train.gradient_accumulation_steps >= 1,
+                ">= 1",
+            ),
+            (
+                "learning_rate",
+                train.learning_rate,
+                math.isfinite(train.learning_rate) and train.learning_rate > 0,
+                "> 0",
+            ),
+            ("num_train_epochs", train.num_train_epochs, train.num_train_epochs > 0, "> 0"),
+            ("warmup_ratio", train.warmup_ratio, 0 <= train.warmup_ratio < 1, "in [0, 1)"),
+            ("max_grad_norm", train.max_grad_norm, train.max_grad_norm > 0, "> 0"),
+            ("lora_r", train.lora_r, train.lora_r >= 1, ">= 1"),
+            ("prompts_per_step", train.prompts_per_step, train.prompts_per_step >= 1, ">= 1"),
+            ("samples_per_prompt", train.samples_per_prompt, train.samples_per_prompt >= 1, ">= 1"),
+            ("max_new_tokens", train.max_new_tokens, train.max_new_tokens >= 1, ">= 1"),
+            ("eval_prompts", ev.eval_prompts, ev.eval_prompts >= 1, ">= 1 (the run is evaluated on them)"),
+            ("eval_max_new_tokens", ev.eval_max_new_tokens, ev.eval_max_new_tokens >= 1, ">= 1"),
+            ("eval_fraction", data.eval_fraction, 0 < data.eval_fraction < 1, "in (0, 1)"),
+            (
+                "max_prompt_length",
+                data.max_prompt_length,
+                1 <= data.max_prompt_length < data.max_length,
+                "in [1, max_length)",
+            ),
+            ("n_prompts", data.n_prompts, data.n_prompts >= 2, ">= 2"),
+            ("completions_per_prompt", data.completions_per_prompt, data.completions_per_prompt >= 2, ">= 2"),
+            ("data_max_new_tokens", data.data_max_new_tokens, data.data_max_new_tokens >= 1, ">= 1"),
+        ]
+        if loss_fn.mismatched_pairs:
+            rules.append(
+                ("batch_size", train.batch_size, train.batch_size >= 2, f">= 2 ({self.loss}'s mismatched pairs)")
+            )
+        if loss_fn.kind == "on_policy":
+            rules.append(
+                ("samples_per_prompt", train.samples_per_prompt, train.samples_per_prompt >= 2, ">= 2 (leave-one-out)")
+            )
+        if loss_fn.samples_policy or self.online:
+            rules.append(("max_steps", train.max_steps, train.max_steps >= 1, ">= 1 (on-policy training counts steps)"))
+        for knob, value, ok, need in rules:
+            if not ok:
+                raise ValueError(f"{knob} must be {need}, got {value!r}")
+        if self.online and not loss_fn.needs_reward_model:
+            raise ValueError(f"online: {self.loss} uses no reward model to label sampled pairs (set online: false)")
+
+    def check_machine(self) -> None:
+        """What this machine must offer the run (checked when the run starts, not when a config is validated)."""
+        import torch
+
+        if self.train.bf16 and not torch.cuda.is_available():
+            raise ValueError("bf16: true needs a GPU here (transformers' Trainer refuses bf16 on a CPU-only machine)")
+
+    def identity(self) -> dict[str, Any]:
+        """The knobs that change the run's result (all but ``NOT_IDENTITY``), as saved beside it."""
+        return {k: v for k, v in self.to_flat().items() if k not in NOT_IDENTITY}
+
+    def identity_hash(self) -> str:
+        """A short hash of ``identity()``: two runs share it only if every knob that changes a result agrees."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     def to_flat(self) -> dict[str, Any]:
         """The flat knobs (the inverse of ``from_flat``), as saved beside a run's results."""
@@ -127,12 +214,13 @@ class RunConfig:
         return flat
 
     def name(self) -> str:
-        """The run's directory name: data set, loss, its knobs and seed (or ``run_name``)."""
+        """The run's directory name: ``run_name`` if given, else a readable prefix (data set, loss, its knobs,
+        seed) and the identity hash, so runs that differ in any knob that changes a result never share a folder."""
         if self.run_name:
             return self.run_name
         knobs = "".join(f"-{k}={v}" for k, v in sorted(self.loss_kwargs.items()))
         online = "-online" if self.online else ""
-        return f"{self.data.dataset}-{self.loss}{knobs}{online}-seed={self.train.seed}"
+        return f"{self.data.dataset}-{self.loss}{knobs}{online}-seed={self.train.seed}-{self.identity_hash()}"
 
     def run_dir(self) -> Path:
         """Where the run's results go (relative paths: from the repository root)."""
@@ -143,3 +231,29 @@ class RunConfig:
     def checkpoint_dir(self) -> Path:
         """Where training checkpoints go: an interrupted run resumes from them."""
         return self.run_dir() / "checkpoints"
+
+
+def _check_types(knobs: dict[str, Any], defaults: dict[str, Any]) -> None:
+    for name, value in knobs.items():
+        check_like_default(name, value, defaults[name])
+
+
+def differing_knobs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{knob: (saved, current)}`` for every knob that differs (JSON round trip first, so tuples equal lists)."""
+    current = json.loads(json.dumps(current, default=str))
+    return {
+        k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)
+    }
+
+
+def check_resumable(path: Path, current: dict[str, Any]) -> None:
+    """Refuse to resume the run whose configuration ``path`` holds unless it equals ``current``, naming what differs."""
+    if not path.is_file():
+        return
+    differ = differing_knobs(json.loads(path.read_text()), current)
+    if differ:
+        shown = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(
+            f"{path.parent} holds a run with other knobs ({shown}); it would resume that run's checkpoints. "
+            "Delete the folder to start over, or use another output folder."
+        )

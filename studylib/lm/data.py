@@ -18,7 +18,9 @@ Both string and conversational layouts are accepted for every column, so trl-lib
 
 from __future__ import annotations
 
+import json
 import logging
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -317,3 +319,35 @@ def tokenize_paired(
         counts["truncated_completions"] += (len(ch) < len(chosen)) + (len(rj) < len(rejected))
         rows.append({"prompt_ids": p, "chosen_ids": ch, "rejected_ids": rj})
     return rows, counts
+
+
+def prompt_key(messages: Messages) -> str:
+    """A hashable key of a chat prompt (its messages as canonical JSON)."""
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False)
+
+
+def split_by_prompt(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split one data set into disjoint training and evaluation rows **by prompt**: a shuffled ``eval_fraction``
+    (at least one) of its distinct prompts, drawn with ``seed``, is held out with all its rows."""
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must lie inside (0, 1), got {eval_fraction}")
+    keys = [prompt_key(p) for p in ds["prompt"]]
+    distinct = list(dict.fromkeys(keys))
+    if len(distinct) < 2:
+        raise ValueError(f"cannot hold out prompts: the data set has {len(distinct)} distinct prompt(s)")
+    random.Random(seed).shuffle(distinct)
+    held = set(distinct[: min(len(distinct) - 1, max(1, round(eval_fraction * len(distinct))))])
+    train_rows = [i for i, k in enumerate(keys) if k not in held]
+    eval_rows = [i for i, k in enumerate(keys) if k in held]
+    return ds.select(train_rows), ds.select(eval_rows)
+
+
+def count_duplicates(ds: Dataset) -> int:
+    """Rows that repeat an earlier row exactly (every column)."""
+    seen: set[str] = set()
+    repeats = 0
+    for row in ds:
+        key = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+        repeats += key in seen
+        seen.add(key)
+    return repeats

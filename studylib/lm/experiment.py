@@ -8,6 +8,7 @@ them and ``run_experiment`` can do the whole thing (``python -m studylib train -
     data = load_preferences(config, model, tokenizer, pool)
     loss_fn = build_run_loss(config, data)          # built once; alpha="auto" resolved here
     plan = plan_training(loss_fn, config.online)    # which trainer and rows, from what the loss declares
+    claim_run(config)                               # refused if the folder holds other knobs, or is in use
     reference = separate_reference(config, model)  # None under LoRA: the adapters are disabled instead
     policy, history, info = train_policy(config, loss_fn, plan, model, tokenizer, data, reference)
     summary, samples = evaluate_policy(config, policy, tokenizer, data, pool, reference)
@@ -21,6 +22,7 @@ import json
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +34,22 @@ from torch import nn
 
 from studylib.lm.annotators import AnnotatorPool
 from studylib.lm.config import RunConfig
-from studylib.lm.data import encode_prompt, load_named, paired_to_unpaired, tokenize_paired, tokenize_unpaired
+from studylib.lm.data import (
+    count_duplicates,
+    encode_prompt,
+    load_named,
+    paired_to_unpaired,
+    prompt_key,
+    split_by_prompt,
+    tokenize_paired,
+    tokenize_unpaired,
+)
 from studylib.lm.evaluate import evaluate, write_alpaca_eval_outputs
 from studylib.lm.models import cache_root, load_model
 from studylib.lm.online import train_online
 from studylib.lm.reference import frozen_copy
 from studylib.lm.reward import attach_reward_margins, load_reward_model, reward_accuracy, train_reward_model
+from studylib.lm.runs import claim_run, release_run, run_flags
 from studylib.lm.synth import build_offline_preferences
 from studylib.lm.tiny import tiny_model, tiny_tokenizer
 from studylib.lm.trainer import train
@@ -120,17 +132,57 @@ def load_preferences(config: RunConfig, model, tokenizer, pool: AnnotatorPool) -
         return PreferenceData(
             offline.unpaired_train, offline.paired_train, eval_prompts, offline.preferred_fraction, description
         )
-    train_set = load_named(data.dataset, "train", path=data.dataset_path, limit=data.max_train_rows, drop_empty=True)
-    test = load_named(data.dataset, "test", path=data.dataset_path, limit=config.eval.eval_prompts, drop_empty=True)
+    train_set, test, split = _hub_splits(config)
     if data.dataset in PAIRED_DATASETS:
         paired, unpaired = train_set, paired_to_unpaired(train_set)
     else:
         paired, unpaired = None, train_set
     if len(unpaired) == 0:
         raise ValueError(f"data set {data.dataset!r} ({data.dataset_path or 'hub'}) has no training rows")
+    eval_prompts = list(dict.fromkeys(prompt_key(p) for p in test["prompt"]))[: config.eval.eval_prompts]
+    if not eval_prompts:
+        raise ValueError(f"data set {data.dataset!r}: no evaluation prompts (eval_prompts={config.eval.eval_prompts})")
+    train_keys = {prompt_key(p) for p in train_set["prompt"]}
     fraction = sum(unpaired["label"]) / len(unpaired)
-    description = {"source": data.dataset_path or data.dataset, "rows": len(train_set), "preferred_fraction": fraction}
-    return PreferenceData(unpaired, paired, list(test["prompt"]), fraction, description)
+    description = {
+        "source": data.dataset_path or data.dataset,
+        "rows": len(train_set),
+        "preferred_fraction": fraction,
+        "duplicate_rows": count_duplicates(train_set),
+        "eval_prompts_seen_in_training": sum(k in train_keys for k in eval_prompts),
+        **split,
+    }
+    if description["duplicate_rows"]:
+        warnings.warn(f"{description['source']}: {description['duplicate_rows']} duplicate training rows", stacklevel=2)
+    return PreferenceData(unpaired, paired, [json.loads(k) for k in eval_prompts], fraction, description)
+
+
+def _hub_splits(config: RunConfig):
+    """Training and evaluation rows of a hub data set, and how they were split.
+
+    A folder or the hub: its own train and test splits. One file: the test rows come from ``eval_dataset_path``
+    if given, else ``eval_fraction`` of the file's distinct prompts is held out (drawn with ``data_seed``), so
+    the evaluation never scores training prompts.
+    """
+    data = config.data
+    load = dict(drop_empty=True)
+    single_file = data.dataset_path is not None and Path(data.dataset_path).is_file()
+    if data.eval_dataset_path is not None:
+        train_set = load_named(data.dataset, "train", path=data.dataset_path, limit=data.max_train_rows, **load)
+        return train_set, load_named(data.dataset, "test", path=data.eval_dataset_path, **load), {"split": "eval file"}
+    if single_file:
+        whole = load_named(data.dataset, "train", path=data.dataset_path, **load)
+        train_set, test = split_by_prompt(whole, data.eval_fraction, data.data_seed)
+        if data.max_train_rows is not None:
+            train_set = train_set.select(range(min(data.max_train_rows, len(train_set))))
+        split = {
+            "split": "one file, held out by prompt",
+            "split_seed": data.data_seed,
+            "eval_fraction": data.eval_fraction,
+        }
+        return train_set, test, split
+    train_set = load_named(data.dataset, "train", path=data.dataset_path, limit=data.max_train_rows, **load)
+    return train_set, load_named(data.dataset, "test", path=data.dataset_path, **load), {"split": "the data set's own"}
 
 
 def build_run_loss(config: RunConfig, data: PreferenceData) -> Loss:
@@ -276,10 +328,12 @@ def run_record(
     summary: dict,
     seconds: dict[str, float],
 ) -> dict:
-    """What ``metrics.json`` holds: the evaluation summary, the run's facts and its flat parameters."""
+    """What ``metrics.json`` holds: the evaluation summary, the run's facts, its flags (``runs.run_flags``: a
+    collapsed or drifted run is warned about and marked) and its flat parameters."""
     steps = int(curves["step"].max()) if len(curves) else 0
     return {
         **summary,
+        "flags": run_flags(curves, summary),
         "loss": config.loss,
         "loss_built": repr(loss_fn),
         "dataset": config.data.dataset,
@@ -315,6 +369,7 @@ def save_run(config: RunConfig, record: dict, curves: pd.DataFrame, samples: pd.
         )
     if not config.keep_checkpoints:
         shutil.rmtree(config.checkpoint_dir(), ignore_errors=True)
+    release_run(config)
     return run_dir
 
 
@@ -328,21 +383,33 @@ def timed(fn, *args, **kwargs):
 def run_experiment(config: RunConfig) -> dict:
     """The whole run, as notebook 04 tells it step by step; returns the saved record.
 
-    Under ``accelerate launch`` (several GPUs) every process trains; only the main process evaluates and saves.
+    Everything that can be checked is checked before the run's folder is touched: the config
+    (``RunConfig.from_flat``), the data (not empty, evaluation prompts held out) and the loss's knobs; then
+    the main process claims the folder (``runs.claim_run``: refused if it holds other knobs or another live
+    process holds it). Under ``accelerate launch`` (several GPUs) every process trains; only the main process
+    evaluates and saves.
     """
+    main_process = PartialState().is_main_process
     model, tokenizer = load_policy(config)
     pool = AnnotatorPool(seed=0)
     data = load_preferences(config, model, tokenizer, pool)
     loss_fn = build_run_loss(config, data)
     plan = plan_training(loss_fn, config.online)
-    reference = separate_reference(config, model)
-    (policy, history, info), train_seconds = timed(
-        train_policy, config, loss_fn, plan, model, tokenizer, data, reference
-    )
-    if not PartialState().is_main_process:
-        return {}
-    (summary, samples), eval_seconds = timed(evaluate_policy, config, policy, tokenizer, data, pool, reference)
-    curves = curves_frame(history)
-    record = run_record(config, loss_fn, data, curves, info, summary, {"train": train_seconds, "eval": eval_seconds})
-    save_run(config, record, curves, samples)
-    return record
+    if main_process:
+        claim_run(config)
+    try:
+        reference = separate_reference(config, model)
+        (policy, history, info), train_seconds = timed(
+            train_policy, config, loss_fn, plan, model, tokenizer, data, reference
+        )
+        if not main_process:
+            return {}
+        (summary, samples), eval_seconds = timed(evaluate_policy, config, policy, tokenizer, data, pool, reference)
+        curves = curves_frame(history)
+        seconds = {"train": train_seconds, "eval": eval_seconds}
+        record = run_record(config, loss_fn, data, curves, info, summary, seconds)
+        save_run(config, record, curves, samples)
+        return record
+    finally:
+        if main_process:
+            release_run(config)

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from studylib.lm.batching import model_logps, pad_sequences, pad_token_id
-from studylib.lm.config import TrainConfig
+from studylib.lm.config import TrainConfig, check_resumable
 from studylib.lm.reference import policy_and_reference
 from studylib.lm.sampling import sample_completions
 from studylib.losses import Loss
@@ -224,10 +224,21 @@ class OnlineTrainer:
         """One optimiser step; returns (and records) its log entry."""
         start = time.perf_counter()
         seed = self.config.seed * 1_000_003 + self.step
-        loss, metrics, completions = self._step_loss(seed)
+        try:
+            loss, metrics, completions = self._step_loss(seed)
+        except ValueError as err:  # e.g. a loss's check that log-probs hold no NaN
+            raise FloatingPointError(f"on-policy step {self.step + 1}: {err}") from err
+        except RuntimeError as err:  # torch's sampler on non-finite probabilities
+            if "inf" not in str(err) and "nan" not in str(err):
+                raise
+            raise FloatingPointError(
+                f"on-policy step {self.step + 1}: sampling failed, the policy's probabilities are not finite ({err})"
+            ) from err
+        self._stop_if_not_finite("the loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self._stop_if_not_finite("the gradient norm", grad_norm)  # before the step: the weights stay good
         self.optimizer.step()
         self.step += 1
         entry = {"step": self.step, "loss": loss.item(), "grad_norm": grad_norm.item()}
@@ -239,10 +250,18 @@ class OnlineTrainer:
         self.history.append(entry)
         return entry
 
+    def _stop_if_not_finite(self, what: str, value: Tensor) -> None:
+        if not torch.isfinite(value).all():
+            kept = f"; the last good checkpoint stays in {self.output_dir}" if self.output_dir else ""
+            raise FloatingPointError(
+                f"on-policy training diverged at step {self.step + 1}: {what} is {value.item()}{kept}"
+            )
+
     def train(self) -> list[dict]:
         """Resume from the latest checkpoint in ``output_dir`` if any, then train up to ``config.max_steps``."""
         out, steps, every = self.output_dir, self.config.max_steps, self.config.checkpoint_every()
         if out is not None:
+            check_resumable(out / "train_config.json", {"loss": repr(self.loss_fn), **asdict(self.config)})
             write_atomic(
                 out / "train_config.json", json.dumps({"loss": repr(self.loss_fn), **asdict(self.config)}, indent=2)
             )

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from studylib.lm.batching import model_logps, pad_sequences, pad_token_id, score_sequences
-from studylib.lm.config import TrainConfig
+from studylib.lm.config import TrainConfig, check_resumable
 from studylib.lm.reference import Reference, policy_and_reference
 from studylib.losses import Loss
 from studylib.results import write_atomic
@@ -135,9 +135,19 @@ class AlignmentTrainer(Trainer):
         batch = {k: inputs[prefix + k] for k in ("input_ids", "attention_mask", "completion_mask")}
         return self.reference.logps(batch, self.loss_fn.length_normalized)
 
+    def _stop_if_not_finite(self, what: str, value: torch.Tensor, step: int | None = None) -> None:
+        """Raise, naming the optimizer step (default: the one being computed) and the quantity, if not finite."""
+        if not torch.isfinite(value).all():
+            step = self.state.global_step + 1 if step is None else step
+            raise FloatingPointError(
+                f"training diverged at step {step}: {what} is not finite "
+                f"({value.detach().flatten()[:4].tolist()}); the last good checkpoint stays in {self.args.output_dir}"
+            )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss_fn = self.loss_fn
         logps = self._logps(model, inputs)
+        self._stop_if_not_finite("the policy's log-probs", logps)
         reference = None
         if loss_fn.uses_reference:
             reference = inputs["ref_logps"] if "ref_logps" in inputs else self._reference_logps(inputs)
@@ -154,6 +164,7 @@ class AlignmentTrainer(Trainer):
                     extra["policy_kl_logps"] = self._logps(model, inputs, "kl_")
                 extra["reference_kl_logps"] = self._reference_logps(inputs, "kl_")
             loss, metrics = loss_fn(logps, reference, inputs["labels_preferred"], **extra)
+        self._stop_if_not_finite("the loss", loss)
         self._record(metrics)
         return (loss, {"logps": logps}) if return_outputs else loss
 
@@ -162,6 +173,9 @@ class AlignmentTrainer(Trainer):
             self._window.setdefault(name, []).append(float(value))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "grad_norm" in logs:  # logged before the step's checkpoint is saved: a bad step saves nothing
+            grad_norm = torch.tensor(float(logs["grad_norm"]))
+            self._stop_if_not_finite("the gradient norm", grad_norm, step=self.state.global_step)
         if self._window and "loss" in logs:
             for name, values in self._window.items():
                 finite = [v for v in values if v == v]
@@ -280,9 +294,9 @@ def build_trainer(
     check_rows(rows, loss_fn)
     pad_id = pad_token_id(tokenizer)
     model, reference = policy_and_reference(model, config, loss_fn.needs_reference, reference_model)
-    write_atomic(
-        Path(output_dir) / "train_config.json", json.dumps({"loss": repr(loss_fn), **asdict(config)}, indent=2)
-    )
+    described = {"loss": repr(loss_fn), **asdict(config)}
+    check_resumable(Path(output_dir) / "train_config.json", described)  # never resume another run's checkpoints
+    write_atomic(Path(output_dir) / "train_config.json", json.dumps(described, indent=2))
     if loss_fn.uses_reference and uses_precomputed_reference(config, len(rows)):
         rows = attach_reference_logps(reference, rows, loss_fn, pad_id, config.reference_batch_size, output_dir)
     return AlignmentTrainer(

@@ -1,0 +1,25 @@
+"""One rule for a knob's type, shared by run configs and study configs: a value must be like its default."""
+
+from __future__ import annotations
+
+from typing import Any
+
+KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def check_like_default(name: str, value: Any, default: Any) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` has the type of ``default``.
+
+    Only plain defaults are checked (bool, int, float, str); None on either side passes, and an int passes
+    for a float. A YAML ``1e-3`` read as text, or ``2.5`` for a step count, fails here, not deep inside a run.
+    """
+    if value is None or type(default) not in KINDS:
+        return
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"{name} must be {KINDS[type(default)]} (its default is {default!r}), got {value!r}")

@@ -1,0 +1,148 @@
+"""Nothing lost, nothing silent: run identity, locks, held-out prompts, up-front checks, flags, what moved."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from studylib.__main__ import main
+from studylib.compare import compare_tables
+from studylib.lm.annotators import AnnotatorPool
+from studylib.lm.config import RunConfig
+from studylib.lm.data import prompt_key
+from studylib.lm.experiment import load_preferences, run_experiment
+from studylib.lm.runs import LOCK_NAME, claim_run, release_run, run_flags
+from studylib.study import ROOT
+
+TINY = {"model": "tiny", "dataset": "ufb", "dataset_path": "tests/fixtures/ufb_small", "loss": "rdro"}
+TINY |= {"max_steps": 2, "batch_size": 2, "eval_prompts": 2, "eval_max_new_tokens": 4}
+
+
+@pytest.fixture
+def tiny_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDYLIB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(ROOT)
+    return lambda **knobs: RunConfig.from_flat(TINY | {"results_dir": str(tmp_path / "lm")} | knobs)
+
+
+def test_a_grid_over_learning_rate_keeps_both_results(tiny_run, tmp_path):
+    first, second = tiny_run(learning_rate=1e-3), tiny_run(learning_rate=1e-2)
+    assert first.name() != second.name() and first.name().rsplit("-", 1)[0] == second.name().rsplit("-", 1)[0]
+    for config in (first, second):
+        run_experiment(config)
+    saved = {
+        json.loads((d / "metrics.json").read_text())["params"]["learning_rate"] for d in (tmp_path / "lm").iterdir()
+    }
+    assert saved == {1e-3, 1e-2}
+    assert json.loads((first.run_dir() / "run_config.json").read_text())["learning_rate"] == 1e-3
+    assert not (first.run_dir() / LOCK_NAME).exists()  # released once saved
+
+
+def test_a_named_run_with_other_knobs_is_refused_and_left_alone(tiny_run):
+    run_experiment(tiny_run(run_name="mine", learning_rate=1e-3))
+    metrics = (tiny_run(run_name="mine").run_dir() / "metrics.json").read_text()
+    with pytest.raises(ValueError, match=r"holds a run with other knobs \(learning_rate: saved 0.001, now 0.01\)"):
+        run_experiment(tiny_run(run_name="mine", learning_rate=1e-2))
+    assert (tiny_run(run_name="mine").run_dir() / "metrics.json").read_text() == metrics
+
+
+def test_a_second_live_process_is_refused_and_a_dead_ones_lock_is_taken_over(tiny_run):
+    config = tiny_run()
+    config.run_dir().mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (config.run_dir() / LOCK_NAME).write_text(str(sleeper.pid))
+        with pytest.raises(RuntimeError, match=f"in progress in process {sleeper.pid}"):
+            claim_run(config)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    claim_run(config)  # the holder died (as a SIGKILLed run does): its lock does not stay stuck
+    assert (config.run_dir() / LOCK_NAME).read_text() == str(os.getpid())
+    release_run(config)
+
+
+def test_one_file_is_split_into_disjoint_prompts(tiny_run, tmp_path):
+    rows = (ROOT / "tests/fixtures/ufb_small/train_prefs.jsonl").read_text().splitlines()
+    single = tmp_path / "ufb.jsonl"
+    single.write_text("\n".join(rows + rows) + "\n")  # every row twice
+    config = tiny_run(dataset_path=str(single), eval_prompts=50)
+    with pytest.warns(UserWarning, match="19 duplicate training rows"):
+        data = load_preferences(config, None, None, AnnotatorPool(seed=0))
+    train = {prompt_key(p) for p in data.paired["prompt"]}
+    held = {prompt_key(p) for p in data.eval_prompts}
+    assert held and train and not train & held
+    assert len(train) == 19 and len(held) == round(0.2 * 24) == 5
+    assert data.description["split"] == "one file, held out by prompt" and data.description["split_seed"] == 0
+    assert data.description["duplicate_rows"] == 19 and data.description["eval_prompts_seen_in_training"] == 0
+    other_seed = load_preferences(tiny_run(dataset_path=str(single), data_seed=1), None, None, AnnotatorPool(0))
+    assert {prompt_key(p) for p in other_seed.eval_prompts} != held  # the split is drawn with data_seed
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"eval_prompts": 0}, "eval_prompts must be >= 1"),
+        ({"loss": "kto", "batch_size": 1}, r"batch_size must be >= 2 \(kto's mismatched pairs\)"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"max_steps": 0}, "max_steps must be >= 1, or -1"),
+        ({"loss": "rlhf", "max_steps": -1}, "on-policy training counts steps"),
+        ({"learning_rate": "1e-3"}, r"learning_rate must be a number \(its default is 0.0005\), got '1e-3'"),
+        ({"loss_kwargs": {"alpha": 1.5}}, r"alpha must lie strictly inside \(0, 1\)"),
+        ({"loss": "ipo"}, "unknown loss 'ipo'"),
+        ({"online": True}, "rdro uses no reward model"),
+        ({"max_prompt_length": 500}, r"max_prompt_length must be in \[1, max_length\)"),
+    ],
+)
+def test_bad_knobs_fail_before_anything_is_written(tmp_path, monkeypatch, knobs, message):
+    monkeypatch.chdir(ROOT)
+    params = TINY | {"results_dir": str(tmp_path / "lm")} | knobs
+    with pytest.raises((ValueError, KeyError), match=message):
+        RunConfig.from_flat(params)
+    (tmp_path / "run.json").write_text(json.dumps(params))
+    assert main(["train", "--params", str(tmp_path / "run.json")]) == 2
+    assert not (tmp_path / "lm").exists()
+
+
+def test_data_problems_fail_before_the_run_folder_exists(tiny_run, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    row = json.loads((ROOT / "tests/fixtures/ufb_small/train_prefs.jsonl").read_text().splitlines()[0])
+    row["chosen"][-1]["content"] = ""
+    empty.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match="cannot hold out prompts|no training rows"):
+        run_experiment(tiny_run(dataset_path=str(empty)))
+    assert not (tmp_path / "lm").exists()
+
+
+def test_bf16_without_a_gpu_is_refused_when_the_run_starts(tiny_run, tmp_path):
+    config = tiny_run(bf16=True)  # a valid config (the paper profile's)...
+    with pytest.raises(ValueError, match="bf16: true needs a GPU here"):
+        run_experiment(config)  # ...that this machine cannot run
+    assert not (tmp_path / "lm").exists()
+
+
+def test_collapse_and_drift_are_flagged():
+    curves = pd.DataFrame({"step": [1, 2, 3, 4, 5, 6], "grad_norm": [3.0, 1.0, 0.0, 0.0, 0.0, 0.0]})
+    with pytest.warns(UserWarning, match="collapsed: gradient norm 0 from step 3"):
+        flags = run_flags(curves, {"kl": 1.0})
+    assert flags == ["collapsed: gradient norm 0 from step 3 to the end"]
+    with pytest.warns(UserWarning, match="drifted"):
+        assert run_flags(curves.iloc[:3], {"kl": 31.5}) == ["drifted: KL(pi || pi_ref) = 31.5 nats per completion > 20"]
+    assert run_flags(curves.iloc[:4], {"kl": 1.0}) == []  # two zero steps: not yet a collapse
+
+
+def test_what_moved_names_the_column_row_and_size():
+    old = pd.DataFrame({"method": ["DDRO", "RDRO"], "slope": [-1.18, -0.96], "win": ["0.50 ± 0.1", "0.40 ± 0.2"]})
+    new = pd.DataFrame(
+        {"method": ["DDRO", "RDRO", "SimPO"], "slope": [-1.18, -0.90, -0.1], "win": ["0.50 ± 0.1", "0.45 ± 0.1", "0.5"]}
+    )
+    lines = compare_tables(new, old)
+    assert "new rows: SimPO" in lines
+    assert "slope: max change 0.06 (-0.96 -> -0.9 at RDRO)" in lines
+    assert "win: max change 0.05 (0.4 -> 0.45 at RDRO)" in lines
+    assert compare_tables(old, old) == ["unchanged"]
