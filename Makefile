@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PROFILE    ?= cpu
 BIN        := $(VENV)/bin
 
-.PHONY: setup study smoke test lint bench clean-results
+.PHONY: setup study smoke test lint bench clean-results notebooks
 
 setup: $(VENV)/.installed
 
@@ -39,3 +39,8 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/toy_sweep.py
+
+# Open the notebooks in JupyterLab (installs the front end once). By hand they write to scratch/, never results/.
+notebooks: setup
+	$(BIN)/python -m pip install --quiet -e ".[notebooks]"
+	$(BIN)/jupyter lab notebooks/

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
+
+from studylib.palette import style
 
 METRICS = ("win_rate", "approval", "kl", "length")
 
@@ -105,17 +106,20 @@ def alpha_sweep(runs: pd.DataFrame) -> pd.DataFrame:
     return out.rename(columns={"mean": "win_rate_mean", "std": "win_rate_sd", "count": "seeds"})
 
 
-def plot_alpha_sweep(sweep: pd.DataFrame, preferred_fraction: float | None = None):
-    """Win rate against alpha per data set (RDRO Figures 2-3, with our judge)."""
+def plot_alpha_sweep(sweep: pd.DataFrame, preferred_fraction: float | None = None, runs: pd.DataFrame | None = None):
+    """Win rate against alpha per data set (RDRO Figures 2-3, with our judge); with ``runs``, each seed a dot."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    if runs is not None:
+        seeds = runs[runs["alpha"].notna()]
+        ax.scatter(seeds["alpha"].astype(float), seeds["win_rate"], color="black", s=12, zorder=3, label="one seed")
     for dataset, part in sweep.groupby("dataset"):
         ax.errorbar(
             part["alpha"],
             part["win_rate_mean"],
             yerr=part["win_rate_sd"].fillna(0),
-            marker="o",
             capsize=3,
-            label=dataset,
+            label=f"{dataset} (mean ± sd over seeds)",
+            **style("rdro"),
         )
     if preferred_fraction is not None:
         ax.axvline(preferred_fraction, color="grey", ls="--", label=f"preferred fraction {preferred_fraction:.2f}")
@@ -150,10 +154,36 @@ def plot_run_curves(curves: pd.DataFrame, title: str):
     return fig
 
 
+def ratio_findings(runs: pd.DataFrame) -> str:
+    """The largest ``exp(T)`` each method's training logged (over steps and seeds, main runs), with RDRO's
+    ``1/alpha`` beside it: the LM counterpart of notebook 03's ratio column."""
+    lines = []
+    main = runs[runs.get("sweep", pd.Series(False, index=runs.index)).fillna(False) == False]  # noqa: E712
+    for loss, part in main.groupby("loss"):
+        peaks = []
+        for run_dir in part["run_dir"]:
+            curves = pd.read_csv(Path(run_dir) / "curves.csv")
+            if "ratio/max" in curves and curves["ratio/max"].notna().any():
+                peaks.append(float(curves["ratio/max"].max()))
+        if not peaks:
+            continue
+        bound = ""
+        alphas = part["alpha"].dropna().astype(float)
+        if len(alphas):
+            bound = f" (1/alpha = {1 / alphas.iloc[0]:.2f}: {max(peaks) * alphas.iloc[0]:.1f} times the bound)"
+        lines.append(f"- {loss}: largest exp(T) in a batch {max(peaks):.3g}{bound}")
+    return "\n".join(lines)
+
+
 def plot_training_curves(runs: pd.DataFrame, seed: int | None = None):
-    """Training loss, gradient norm and max exp(T) against steps, one line per method (RDRO Figures 4-5)."""
-    panels = [("loss", "training loss"), ("grad_norm", "gradient norm"), ("ratio/max", "max exp(T) in batch")]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    """Training loss, gradient norm and max exp(T) against steps, one line per method in the method's own colour
+    (``studylib.palette``) on every panel (RDRO Figures 4-5); log axes where values span decades."""
+    panels = [
+        ("loss", "training loss"),
+        ("grad_norm", "gradient norm (log)"),
+        ("ratio/max", "max exp(T) in batch (log)"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     chosen = runs if seed is None else runs[runs["seed"] == seed]
     chosen = chosen[chosen.get("sweep", pd.Series(False, index=chosen.index)).fillna(False) == False]  # noqa: E712
     for _, run in chosen.drop_duplicates(["dataset", "loss"]).iterrows():
@@ -161,15 +191,38 @@ def plot_training_curves(runs: pd.DataFrame, seed: int | None = None):
         if not curves_path.exists():
             continue
         curves = pd.read_csv(curves_path)
+        look = style(run["loss"])
         for ax, (column, _) in zip(axes, panels, strict=True):
             if column in curves and curves[column].notna().any():
-                ax.plot(curves["step"], curves[column], label=f"{run['loss']} ({run['dataset']})")
+                ax.plot(
+                    curves["step"],
+                    curves[column],
+                    color=look["color"],
+                    marker=look["marker"],
+                    ms=4,
+                    label=f"{run['loss']} ({run['dataset']})",
+                )
     for ax, (_, label) in zip(axes, panels, strict=True):
         ax.set(xlabel="optimizer step", ylabel=label)
+        ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle("Training curves per method" + ("" if seed is None else f" (seed {seed})"))
+    alphas = chosen.loc[chosen["alpha"].notna(), "alpha"].astype(float)
+    if len(alphas):  # RDRO's target ratio is bounded by 1/alpha: draw the bound the text cites
+        axes[2].axhline(1 / alphas.iloc[0], color=style("rdro")["color"], ls="--", lw=1, label="RDRO's 1/alpha")
+    handles, labels = [], []
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    peaks = {}
+    for line in axes[1].get_lines():
+        peaks[line.get_label()] = max(line.get_ydata())
+    top = max(peaks, key=peaks.get) if peaks else None
+    finding = f": largest gradient norm {top} ({peaks[top]:.3g})" if top else ""
+    fig.suptitle("Training curves per method" + ("" if seed is None else f", seed {seed}") + finding)
     fig.tight_layout()
     return fig
 
@@ -178,25 +231,28 @@ def published_beside_ours(table: pd.DataFrame) -> pd.DataFrame:
     """Published win rates (their judge) beside our win rates (the annotator pool), by method."""
     ours = table[["loss", "dataset", "win_rate"]].rename(columns={"loss": "method", "win_rate": "our_win_rate"})
     merged = PUBLISHED.merge(ours, on="method", how="left")
-    merged["judge_difference"] = "theirs: GPT-4 vs their base; ours: annotator pool vs our reference"
+    merged["units_and_baselines"] = (
+        "theirs: percent, GPT-4 judge (AlpacaEval 2 LC: against GPT-4 Turbo's outputs; TL;DR: against reference "
+        "summaries); ours: a fraction, annotator pool against our own reference model"
+    )
     return merged
 
 
 def win_rate_bars(runs: pd.DataFrame):
-    """Mean win rate per method with sd error bars (one group per data set)."""
+    """Mean win rate per method (bar, the method's colour) with each seed's win rate as a dot, per data set."""
     main = runs[runs.get("sweep", pd.Series(False, index=runs.index)).fillna(False) == False]  # noqa: E712
-    stats = main.groupby(["dataset", "loss"])["win_rate"].agg(["mean", "std"]).reset_index()
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    datasets = list(stats["dataset"].unique())
-    width = 0.8 / max(len(datasets), 1)
-    methods = sorted(stats["loss"].unique())
-    x = np.arange(len(methods))
-    for i, dataset in enumerate(datasets):
-        part = stats[stats["dataset"] == dataset].set_index("loss").reindex(methods)
-        ax.bar(x + i * width, part["mean"], width, yerr=part["std"].fillna(0), capsize=3, label=dataset)
-    ax.axhline(0.5, color="black", lw=0.8, ls=":", label="tie with reference")
-    ax.set_xticks(x + width * (len(datasets) - 1) / 2, methods)
-    ax.set(ylabel="win rate vs reference", title="Win rate against the reference model (mean ± sd over seeds)")
+    groups = sorted(main.groupby(["dataset", "loss"]), key=lambda item: item[0])
+    several = main["dataset"].nunique() > 1
+    fig, ax = plt.subplots(figsize=(max(7, 0.8 * len(groups)), 4))
+    for x, ((_, loss), part) in enumerate(groups):
+        ax.bar(x, part["win_rate"].mean(), 0.7, color=style(loss)["color"], alpha=0.8)
+        ax.scatter([x] * len(part), part["win_rate"], color="black", s=12, zorder=3)
+    ax.scatter([], [], color="black", s=12, label="one seed")
+    ax.axhline(0.5, color="black", lw=0.8, ls=":", label="tie with the reference")
+    names = [f"{loss}\n({dataset})" if several else loss for (dataset, loss), _ in groups]
+    ax.set_xticks(range(len(groups)), names, fontsize=8)
+    seeds = int(main.groupby(["dataset", "loss"])["seed"].nunique().max())
+    ax.set(ylabel="win rate against the reference", title=f"Win rate per method: bar = mean of {seeds} seed(s)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

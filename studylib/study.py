@@ -23,6 +23,7 @@ import itertools
 import json
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,14 @@ def notebook_parameters(path: Path) -> tuple[str, ...]:
         targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
         names += [t.id for t in targets if isinstance(t, ast.Name)]
     return tuple(names)
+
+
+def notebook_stamp(notebook: str, namespace: Mapping[str, Any], seed: Any = None) -> dict[str, Any]:
+    """A notebook's stamp for ``studylib.results``: its name, the values its parameters cell defines (read from
+    ``namespace``, the notebook's globals; ``out_dir`` left out), and the seed."""
+    names = notebook_parameters(NOTEBOOKS / f"{notebook}.ipynb")
+    params = {name: namespace[name] for name in names if name != "out_dir"}
+    return {"notebook": notebook, "params": params, "seed": seed}
 
 
 def _check_parameters(path: Path, where: str, notebook: str, names: Any) -> None:
@@ -266,7 +275,9 @@ def is_complete(run: Run, stamp: Path, out_dir: Path) -> bool:
     if not stamp.is_file() or not (out_dir / f"{run.name}.ipynb").is_file():
         return False
     record = json.loads(stamp.read_text())
-    outputs = [ROOT / o for o in record.get("outputs", [])]
+    if "outputs" not in record:  # a stamp of the old kind, which knew nothing of outputs: run again
+        return False
+    outputs = [ROOT / o for o in record["outputs"]]
     return record.get("parameters") == run.parameters and all(o.is_file() for o in outputs)
 
 

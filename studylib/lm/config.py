@@ -102,7 +102,7 @@ class RunConfig:
     loss: str = "rdro"
     loss_kwargs: dict[str, Any] = field(default_factory=dict)  # alpha "auto": the preferred fraction
     online: bool = False  # distill on pairs sampled from the current policy (on-policy losses always are)
-    results_dir: str = "results/lm"
+    results_dir: str = "scratch/lm"  # by hand: a scratch folder; the study runner passes results/lm
     run_name: str | None = None
     sweep: bool = False  # part of a sweep (e.g. RDRO's alpha): kept out of the main table
     keep_checkpoints: bool = False  # training checkpoints (for resuming) are deleted once the run is saved
@@ -137,57 +137,36 @@ class RunConfig:
         if self.loss not in LOSSES:
             raise ValueError(f"loss: unknown loss {self.loss!r}; available: {', '.join(sorted(LOSSES))}")
         loss_fn = build_loss(self.loss, self.loss_kwargs, preferred_fraction=0.5)  # knobs checked; "auto" a stand-in
-        data, train, ev = self.data, self.train, self.eval
-        if data.dataset not in DATASETS:
-            raise ValueError(f"dataset: {data.dataset!r} is not one of {', '.join(DATASETS)}")
-        rules = [
-            ("max_steps", train.max_steps, train.max_steps >= 1 or train.max_steps == -1, ">= 1, or -1 for epochs"),
-            ("batch_size", train.batch_size, train.batch_size >= 1, ">= 1"),
-            (
-                "gradient_accumulation_steps",
-                train.gradient_accumulation_steps,
-                train.gradient_accumulation_steps >= 1,
-                ">= 1",
-            ),
-            (
-                "learning_rate",
-                train.learning_rate,
-                math.isfinite(train.learning_rate) and train.learning_rate > 0,
-                "> 0",
-            ),
-            ("num_train_epochs", train.num_train_epochs, train.num_train_epochs > 0, "> 0"),
-            ("warmup_ratio", train.warmup_ratio, 0 <= train.warmup_ratio < 1, "in [0, 1)"),
-            ("max_grad_norm", train.max_grad_norm, train.max_grad_norm > 0, "> 0"),
-            ("lora_r", train.lora_r, train.lora_r >= 1, ">= 1"),
-            ("prompts_per_step", train.prompts_per_step, train.prompts_per_step >= 1, ">= 1"),
-            ("samples_per_prompt", train.samples_per_prompt, train.samples_per_prompt >= 1, ">= 1"),
-            ("max_new_tokens", train.max_new_tokens, train.max_new_tokens >= 1, ">= 1"),
-            ("eval_prompts", ev.eval_prompts, ev.eval_prompts >= 1, ">= 1 (the run is evaluated on them)"),
-            ("eval_max_new_tokens", ev.eval_max_new_tokens, ev.eval_max_new_tokens >= 1, ">= 1"),
-            ("eval_fraction", data.eval_fraction, 0 < data.eval_fraction < 1, "in (0, 1)"),
-            (
-                "max_prompt_length",
-                data.max_prompt_length,
-                1 <= data.max_prompt_length < data.max_length,
-                "in [1, max_length)",
-            ),
-            ("n_prompts", data.n_prompts, data.n_prompts >= 2, ">= 2"),
-            ("completions_per_prompt", data.completions_per_prompt, data.completions_per_prompt >= 2, ">= 2"),
-            ("data_max_new_tokens", data.data_max_new_tokens, data.data_max_new_tokens >= 1, ">= 1"),
-        ]
+        if self.data.dataset not in DATASETS:
+            raise ValueError(f"dataset: {self.data.dataset!r} is not one of {', '.join(DATASETS)}")
+        knobs = self.to_flat()
+        at_least_1, at_least_2 = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 2, ">= 2")
+        rules = {
+            "max_steps": (lambda v: v >= 1 or v == -1, ">= 1, or -1 for epochs"),
+            "learning_rate": (lambda v: math.isfinite(v) and v > 0, "> 0"),
+            "num_train_epochs": (lambda v: v > 0, "> 0"),
+            "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "max_grad_norm": (lambda v: v > 0, "> 0"),
+            "eval_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+            "max_prompt_length": (lambda v: 1 <= v < knobs["max_length"], "in [1, max_length)"),
+            "eval_prompts": (lambda v: v >= 1, ">= 1 (the run is evaluated on them)"),
+            "n_prompts": at_least_2,
+            "completions_per_prompt": at_least_2,
+        }
+        for knob in ("batch_size", "gradient_accumulation_steps", "lora_r", "prompts_per_step", "samples_per_prompt"):
+            rules[knob] = at_least_1
+        for knob in ("max_new_tokens", "eval_max_new_tokens", "data_max_new_tokens"):
+            rules[knob] = at_least_1
+        extra = []  # what this loss needs beyond the general rules
         if loss_fn.mismatched_pairs:
-            rules.append(
-                ("batch_size", train.batch_size, train.batch_size >= 2, f">= 2 ({self.loss}'s mismatched pairs)")
-            )
+            extra.append(("batch_size", lambda v: v >= 2, f">= 2 ({self.loss}'s mismatched pairs)"))
         if loss_fn.kind == "on_policy":
-            rules.append(
-                ("samples_per_prompt", train.samples_per_prompt, train.samples_per_prompt >= 2, ">= 2 (leave-one-out)")
-            )
+            extra.append(("samples_per_prompt", lambda v: v >= 2, ">= 2 (leave-one-out)"))
         if loss_fn.samples_policy or self.online:
-            rules.append(("max_steps", train.max_steps, train.max_steps >= 1, ">= 1 (on-policy training counts steps)"))
-        for knob, value, ok, need in rules:
-            if not ok:
-                raise ValueError(f"{knob} must be {need}, got {value!r}")
+            extra.append(("max_steps", lambda v: v >= 1, ">= 1 (on-policy training counts steps)"))
+        for knob, ok, need in [(k, *rule) for k, rule in rules.items()] + extra:
+            if not ok(knobs[knob]):
+                raise ValueError(f"{knob} must be {need}, got {knobs[knob]!r}")
         if self.online and not loss_fn.needs_reward_model:
             raise ValueError(f"online: {self.loss} uses no reward model to label sampled pairs (set online: false)")
 

@@ -6,39 +6,55 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+from studylib.palette import style
 
 KL_UNIT = "KL(target || fit) [nats]"
 
 
+def _alpha_shades(alphas: list[float]) -> dict[float, str]:
+    """RDRO's colour, from light (small alpha) to dark (large alpha)."""
+    cmap = plt.get_cmap("Blues")
+    return {a: cmap(0.45 + 0.5 * i / max(1, len(alphas) - 1)) for i, a in enumerate(sorted(alphas))}
+
+
 def plot_ratios(curves: pd.DataFrame) -> Figure:
-    """T1: ``g* = p+/p-`` against ``r*_alpha`` along the ``p+`` sweep (left) and as ``p- -> 0`` (right)."""
-    alpha = float(curves["alpha"].iloc[0])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    a = curves[curves["sweep"] == "p_plus"]
+    """T1 (RDRO Figure 1a): ``g* = p+/p-`` against ``r*_alpha`` for each alpha, along the ``p+`` sweep (left) and
+    as ``p- -> 0`` (right); each ``1/alpha`` bound dashed in its alpha's colour."""
+    alphas = sorted(curves["alpha"].unique())
+    shades = _alpha_shades(alphas)
+    ddro = style("DDRO")["color"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    a = curves[(curves["sweep"] == "p_plus") & (curves["alpha"] == alphas[0])]
     p_minus = float(a["p_minus"].iloc[0])
-    left.plot(a["p_plus"], a["g"], label="density ratio g* = p+/p-")
-    left.plot(a["p_plus"], a["r"], label=f"relative ratio r* (alpha={alpha:g})")
-    left.axhline(1 / alpha, color="grey", ls="--", lw=1, label=f"1/alpha = {1 / alpha:g}")
-    left.set(
-        xlabel="p+(y) (probability, dimensionless)",
-        ylabel="ratio (dimensionless)",
-        title=f"Over p+ at p- = {p_minus:g}",
-    )
-    b = curves[curves["sweep"] == "p_minus"]
+    left.plot(a["p_plus"], a["g"], color=ddro, lw=2, label="density ratio g* = p+/p- (DDRO's target)")
+    b = curves[(curves["sweep"] == "p_minus") & (curves["alpha"] == alphas[0])]
+    right.loglog(b["p_minus"], b["g"], color=ddro, lw=2, label="density ratio g*")
+    for alpha in alphas:
+        for ax, sweep in ((left, "p_plus"), (right, "p_minus")):
+            part = curves[(curves["sweep"] == sweep) & (curves["alpha"] == alpha)]
+            x = part["p_plus"] if sweep == "p_plus" else part["p_minus"]
+            ax.plot(x, part["r"], color=shades[alpha], lw=2, label=f"relative ratio r*, alpha = {alpha:g}")
+            ax.axhline(1 / alpha, color=shades[alpha], ls="--", lw=1, label=f"bound 1/alpha = {1 / alpha:.3g}")
     p_plus = float(b["p_plus"].iloc[0])
-    right.loglog(b["p_minus"], b["g"], label="density ratio g*")
-    right.loglog(b["p_minus"], b["r"], label=f"relative ratio r* (alpha={alpha:g})")
-    right.axhline(1 / alpha, color="grey", ls="--", lw=1, label="1/alpha")
+    left.set(
+        xlabel="p+(y) (probability)",
+        ylabel="ratio (dimensionless)",
+        title=f"Over p+ at p- = {p_minus:g}: g* reaches 1/p- = {1 / p_minus:g}; r* bends under 1/alpha",
+    )
     right.invert_xaxis()
     right.set(
         xlabel="p-(y) (probability, log scale, decreasing)",
         ylabel="ratio (log scale)",
-        title=f"As p- -> 0 at p+ = {p_plus:g}",
+        title=f"As p- -> 0 at p+ = {p_plus:g}: g* diverges, r* saturates at 1/alpha",
     )
     for ax in (left, right):
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+        ax.title.set_fontsize(9)
     fig.tight_layout()
     return fig
 
@@ -47,10 +63,9 @@ def plot_loss_shapes(curves: pd.DataFrame, alpha: float) -> Figure:
     """T2: each method's per-row loss (top) and its slope in T (bottom); + rows solid, - rows dashed, pairs dotted."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
     styles = {"+": "-", "-": "--", "pair": ":"}
-    colours = dict(zip(curves["method"].unique(), plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     for (method, row), group in curves.groupby(["method", "row"], sort=False):
         label = f"{method}, {row} row" if row != "pair" else f"{method}, pair (T = T_w - T_l)"
-        kw = {"color": colours[method], "ls": styles[row], "label": label}
+        kw = {"color": style(method)["color"], "ls": styles[row], "label": label}
         top.plot(group["T"], group["loss"], **kw)
         bottom.plot(group["T"], group["slope"], **kw)
     top.set_ylim(-2.5, 5.0)
@@ -62,8 +77,15 @@ def plot_loss_shapes(curves: pd.DataFrame, alpha: float) -> Figure:
         ymax = ax.get_ylim()[1]
         ax.text(np.log(2), ymax, "log 2: DDRO pole ", fontsize=8, va="top", ha="right")
         ax.text(np.log(1 / alpha), ymax, " log(1/alpha): RDRO + minimum", fontsize=8, va="top")
-    top.set(ylabel="per-row loss (nats)", title="Loss shapes against T = log pi - log pi_ref")
-    bottom.set(xlabel="T (nats)", ylabel="dloss/dT (dimensionless)", title="Slope in T: the size of a row's gradient")
+    top.set(
+        ylabel="per-row loss (nats)",
+        title=f"Loss against T: RDRO's + loss is least at log(1/alpha) = {np.log(1 / alpha):.2f}, DDRO's never",
+    )
+    bottom.set(
+        xlabel="T = log pi - log pi_ref (nats)",
+        ylabel="dloss/dT (dimensionless)",
+        title="Slope in T (a row's gradient): bounded for RDRO and KTO, steep at DDRO's pole",
+    )
     top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
@@ -75,18 +97,17 @@ def plot_consistency(summary: pd.DataFrame, slopes: pd.DataFrame, limits: pd.Dat
     the sizes the slope is fitted on (shaded)."""
     setting = summary["setting"].iloc[0]
     fig, ax = plt.subplots(figsize=(8.5, 5.4))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    markers, dashes = "osD^vP", ["-", "--", "-", "-.", "-", ":"]
+    dashes = ["-", "--", "-", "-.", "-", ":"]
     top = summary["kl_mean"].max() * 2
     for i, (method, group) in enumerate(summary.groupby("method", sort=False)):
-        colour = colours[i % len(colours)]
+        colour, marker = style(method)["color"], style(method)["marker"]
         slope = slopes.loc[slopes["method"] == method, "slope"]
         label = f"{method}: slope {slope.iloc[0]:+.2f}" if len(slope) else method
         n, mean, sd = group["n"], group["kl_mean"], group["kl_sd"].fillna(0)
         ax.loglog(
             n,
             mean,
-            marker=markers[i % 6],
+            marker=marker,
             ls=dashes[i % 6],
             ms=4,
             color=colour,
@@ -105,13 +126,20 @@ def plot_consistency(summary: pd.DataFrame, slopes: pd.DataFrame, limits: pd.Dat
         anchor = summary.loc[summary["n"] == fitted[-1], "kl_mean"].min() * fitted[-1]
         ax.loglog(fitted, anchor / fitted, color="black", lw=1, ls=":", label="1/n guide")
         ax.axvspan(fitted[0], fitted[-1], color="grey", alpha=0.07, lw=0)
-    ax.set(
-        xlabel="n, data set size (pairs in S1 and S3, rows in S2)",
-        ylabel=KL_UNIT,
-        title=f"{setting}: KL to the target against n (dashed: infinite-data limit; shaded: slope fit)",
-    )
+    falling = slopes.loc[slopes["slope"] < -0.5, "method"].tolist()
+    if limits is not None:  # and with an infinite-data limit of 0: consistent, not merely falling for now
+        falling = [m for m in falling if limits.loc[limits["method"] == m, "kl_limit"].le(1e-8).all()]
+    finding = f"converging (limit 0, slope < -0.5): {', '.join(falling)}" if falling else "no method converges"
+    ax.set(xlabel="n, data set size (pairs in S1 and S3, rows in S2)", ylabel=KL_UNIT, title=f"{setting}: {finding}")
+    ax.title.set_fontsize(10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower left")
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [
+        Patch(color="grey", alpha=0.25, label="band: +- 1 sd over seeds"),
+        Line2D([], [], color="grey", ls="--", lw=1, label="dashed line: infinite-data limit"),
+        Patch(color="grey", alpha=0.07, label="shaded span: sizes the slope is fitted on"),
+    ]
+    ax.legend(handles=handles, fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
 
@@ -120,14 +148,14 @@ def plot_stability(log: pd.DataFrame, alpha: float, title: str = "") -> Figure:
     """T4: loss, gradient norm, largest ratio exp T in the batch (with 1/alpha) and cumulative guard activations
     against the training step, one curve per method (light: raw; dark: running median of 25 steps)."""
     fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), sharex=True)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     panels = [
         ("loss", "minibatch loss (nats)", False),
         ("grad_norm", "gradient norm (log scale)", True),
         ("ratio_max_batch", "max exp T in batch (log scale)", True),
         ("guard_total", "guard activations so far", False),
     ]
-    for colour, (method, group) in zip(colours, log.groupby("method", sort=False), strict=False):
+    for method, group in log.groupby("method", sort=False):
+        colour = style(method)["color"]
         for ax, (column, _, _) in zip(axes.flat, panels, strict=True):
             values = group[column]
             if column == "guard_total":
@@ -143,9 +171,16 @@ def plot_stability(log: pd.DataFrame, alpha: float, title: str = "") -> Figure:
         if log_scale:
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    handles, _ = axes[0, 0].get_legend_handles_labels()
+    handles += [
+        Line2D([], [], color="grey", alpha=0.3, lw=0.7, label="light: each step"),
+        Line2D([], [], color="grey", label="dark: running median of 25 steps"),
+    ]
+    axes[0, 0].legend(handles=handles, fontsize=8)
     for ax in axes[1]:
         ax.set_xlabel("training step (minibatch Adam)")
     if title:

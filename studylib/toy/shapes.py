@@ -29,18 +29,25 @@ def relative_density_ratio(p_plus: np.ndarray, p_minus: np.ndarray, alpha: float
     return p_plus / (alpha * p_plus + (1.0 - alpha) * np.asarray(p_minus, float))
 
 
-def ratio_curves(alpha: float = 0.5, p_minus: float = 0.1, p_plus_fixed: float = 0.5, num: int = 200) -> pd.DataFrame:
-    """Both ratios along two sweeps: ``p+`` over (0, 1] at fixed ``p-`` (``sweep="p_plus"``), and ``p-`` from 1
-    down to 1e-6 at fixed ``p+`` (``sweep="p_minus"``). Columns: sweep, p_plus, p_minus, g, r, alpha."""
+def ratio_curves(
+    alphas: float | Sequence[float] = 0.5, p_minus: float = 0.1, p_plus_fixed: float = 0.5, num: int = 200
+) -> pd.DataFrame:
+    """Both ratios along two sweeps, for each alpha: ``p+`` over (0, 1] at fixed ``p-`` (``sweep="p_plus"``), and
+    ``p-`` from 1 down to 1e-6 at fixed ``p+`` (``sweep="p_minus"``). Columns: sweep, p_plus, p_minus, g, r,
+    alpha (``g`` does not depend on alpha)."""
     p_plus = np.linspace(1.0 / num, 1.0, num)
     p_minus_grid = np.logspace(0, -6, num)
     a = pd.DataFrame({"sweep": "p_plus", "p_plus": p_plus, "p_minus": p_minus})
     b = pd.DataFrame({"sweep": "p_minus", "p_plus": p_plus_fixed, "p_minus": p_minus_grid})
-    df = pd.concat([a, b], ignore_index=True)
-    df["g"] = density_ratio(df["p_plus"], df["p_minus"])
-    df["r"] = relative_density_ratio(df["p_plus"], df["p_minus"], alpha)
-    df["alpha"] = alpha
-    return df
+    base = pd.concat([a, b], ignore_index=True)
+    base["g"] = density_ratio(base["p_plus"], base["p_minus"])
+    frames = []
+    for alpha in [alphas] if isinstance(alphas, (int, float)) else alphas:
+        frame = base.copy()
+        frame["r"] = relative_density_ratio(frame["p_plus"], frame["p_minus"], alpha)
+        frame["alpha"] = float(alpha)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
 
 
 def row_loss(loss_fn: Loss, t: float, label: bool | None) -> float:

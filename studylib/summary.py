@@ -1,0 +1,87 @@
+"""The study in one table: each method's target and assumption (the theory, docs/STUDY.md), beside what the toy
+study measured (slopes, gradient norms) and what the language-model runs measured (win rate with an interval,
+KL), grouped as density-ratio methods, distribution learning and baselines. Notebook 05 shows it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from studylib.palette import method_key
+
+# (family, target, assumption): the theory of each method, as docs/STUDY.md states it.
+THEORY: dict[str, tuple[str, str, str]] = {
+    "rdro": (
+        "density ratio",
+        "p+ (exp T = relative ratio, bounded by 1/alpha)",
+        "alpha = preferred fraction; per-class mean",
+    ),
+    "rdro_flat": ("density ratio", "moves with the class imbalance", "the authors' flat batch mean"),
+    "ddro": ("density ratio", "p+ (exp T = 2 p+/(p+ + p-))", "pi_ref = (p+ + p-)/2 (balanced classes)"),
+    "pmle": ("distribution learning", "pi*", "P(a > b) = sigmoid(gamma log pi*(a)/pi*(b))"),
+    "distill": ("distribution learning", "pi*", "paper 3's model; a Bradley-Terry reward model"),
+    "reverse_kl": ("distribution learning", "pi*", "paper 3's model; a Bradley-Terry reward model"),
+    "dpo": ("baseline", "pi_ref exp(r/beta)", "Bradley-Terry preferences"),
+    "simpo": ("baseline", "a length-normalised Bradley-Terry fit", "Bradley-Terry preferences"),
+    "kto": ("baseline", "a prospect-theory utility optimum", "none toward p+"),
+    "bco": ("baseline", "a classifier of the labels", "none toward p+"),
+    "rlhf": ("baseline", "pi_ref exp(R/beta)", "a Bradley-Terry reward model"),
+}
+ORDER = list(THEORY)
+
+
+def _toy_columns(slopes: pd.DataFrame, spread: pd.DataFrame | None) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for _, row in slopes.iterrows():
+        key = method_key(row["method"])
+        converges = row["slope"] < -0.5 and row["kl_limit"] < 1e-8
+        verdict = f"{row['slope']:+.2f} ({'converges' if converges else f'limit {row.kl_limit:.2g}'})"
+        out.setdefault(key, {})[f"{row['setting']} slope"] = verdict
+    if spread is not None:
+        for key, part in spread.groupby(spread["method"].map(method_key)):
+            norms = ", ".join(f"{v:.2g}" for v in part["median_of_max_grad_norm"])
+            out.setdefault(key, {})["T4 largest gradient norm (median over runs, S1, S2)"] = norms
+    return out
+
+
+def _lm_columns(runs: pd.DataFrame) -> dict[str, dict[str, str]]:
+    """Win rate over all seeds' judged prompts with a normal-approximation 95% interval, and mean KL, on the data
+    set with the most runs (named in the column)."""
+    main = runs[runs.get("sweep", pd.Series(False, index=runs.index)).fillna(False) == False]  # noqa: E712
+    dataset = main["dataset"].value_counts().idxmax()
+    out = {}
+    for loss, part in main[main["dataset"] == dataset].groupby("loss"):
+        n = int(part["n_prompts"].sum())
+        win = float((part["win_rate"] * part["n_prompts"]).sum() / n)
+        half = 1.96 * math.sqrt(max(win * (1 - win), 1e-12) / n)
+        seeds = part["seed"].nunique()
+        low, high = max(0.0, win - half), min(1.0, win + half)
+        out[method_key(loss)] = {
+            f"LM win rate [95% interval], {dataset}": f"{win:.2f} [{low:.2f}, {high:.2f}] ({seeds} seeds)",
+            f"LM KL (nats), {dataset}": f"{part['kl'].mean():.2f}",
+        }
+    return out
+
+
+def summary_table(
+    slopes: pd.DataFrame, spread: pd.DataFrame | None = None, runs: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """One row per method: family, target, assumption, the toy's slopes per setting, T4's gradient norms, the LM
+    runs' win rate and KL. Empty cells: the method is not part of that experiment."""
+    toy = _toy_columns(slopes, spread)
+    lm = _lm_columns(runs) if runs is not None and len(runs) else {}
+    rows = []
+    for key in ORDER:
+        if key not in toy and key not in lm:
+            continue
+        family, target, assumption = THEORY[key]
+        rows.append(
+            {"family": family, "method": key, "target": target, "assumption": assumption}
+            | toy.get(key, {})
+            | lm.get(key, {})
+        )
+    table = pd.DataFrame(rows).fillna("")
+    first = ["family", "method", "target", "assumption", "S1 slope", "S2 slope", "S3 slope"]
+    return table[[c for c in first if c in table] + [c for c in table if c not in first]]
