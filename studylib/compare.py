@@ -25,10 +25,15 @@ def _numbers(column: pd.Series) -> pd.Series | None:
         return None
 
 
-def compare_tables(new: pd.DataFrame, old: pd.DataFrame, tolerance: float = 1e-9) -> list[str]:
-    """Lines saying, per numeric column, the largest absolute change between ``old`` and ``new`` (matched on their
-    text columns), and which rows appear on one side only."""
-    keys = [c for c in new.columns if c in old.columns and _numbers(new[c]) is None]
+def compare_tables(
+    new: pd.DataFrame, old: pd.DataFrame, keys: list[str] | None = None, tolerance: float = 1e-9
+) -> list[str]:
+    """Lines saying, per numeric column, the largest absolute change between ``old`` and ``new`` (rows matched on
+    ``keys``, by default the text columns), and which rows appear on one side only."""
+    if keys is None:
+        keys = [c for c in new.columns if c in old.columns and _numbers(new[c]) is None]
+    if keys and (new.duplicated(keys).any() or old.duplicated(keys).any()):
+        return [f"rows are not identified by {keys}: name the key columns (compare: {{path, keys}})"]
     values = [c for c in new.columns if c in old.columns and c not in keys]
     merged = new.merge(old, on=keys, how="outer", suffixes=("", " (committed)"), indicator=True) if keys else None
     if merged is None:
@@ -66,10 +71,10 @@ def committed_table(path: Path, revision: str = "HEAD") -> pd.DataFrame | None:
     return pd.read_csv(io.StringIO(text))
 
 
-def what_moved(paths: list[Path]) -> list[str]:
-    """For each CSV: what moved against its committed version."""
+def what_moved(tables: list[tuple[Path, list[str] | None]]) -> list[str]:
+    """For each CSV (with its key columns, or None for its text columns): what moved against its committed version."""
     report = []
-    for path in paths:
+    for path, keys in tables:
         if not path.is_file():
             report.append(f"{path}: not written by this run")
             continue
@@ -77,5 +82,5 @@ def what_moved(paths: list[Path]) -> list[str]:
         if old is None:
             report.append(f"{path}: no committed version to compare with")
             continue
-        report += [f"{path}: {line}" for line in compare_tables(pd.read_csv(path), old)]
+        report += [f"{path}: {line}" for line in compare_tables(pd.read_csv(path), old, keys)]
     return report

@@ -124,7 +124,11 @@ def plot_alpha_sweep(sweep: pd.DataFrame, preferred_fraction: float | None = Non
     if preferred_fraction is not None:
         ax.axvline(preferred_fraction, color="grey", ls="--", label=f"preferred fraction {preferred_fraction:.2f}")
     ax.axhline(0.5, color="black", lw=0.8, ls=":", label="tie with reference")
-    ax.set(xlabel="alpha (RDRO)", ylabel="win rate vs reference (annotator pool)", title="RDRO: win rate against alpha")
+    seeds = sweep["seeds"].astype(int).tolist()
+    spread = f"{sweep['win_rate_mean'].min():.2f}-{sweep['win_rate_mean'].max():.2f}"
+    title = f"RDRO: win rate {spread} over {len(sweep)} alphas (seeds per alpha: {', '.join(map(str, seeds))})"
+    ax.set(xlabel="alpha (RDRO)", ylabel="win rate vs reference (annotator pool)", title=title)
+    ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

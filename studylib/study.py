@@ -346,10 +346,12 @@ def run_study(
         summary_path, json.dumps({"profile": profile, "seconds_of_recorded_runs": total, "runs": ordered}, indent=2)
     )
     if executed and header.get("compare"):
-        moved = what_moved(
-            [resolve(str(_fill(c, {"results_dir": _shown(results), "profile": profile}))) for c in header["compare"]]
-        )
-        print("What moved against the committed tables:\n  " + "\n  ".join(moved))
+        context = {"results_dir": _shown(results), "profile": profile}
+        tables = []
+        for entry in header["compare"]:  # a path, or {path, keys}
+            entry = entry if isinstance(entry, dict) else {"path": entry}
+            tables.append((resolve(_fill(entry["path"], context)), entry.get("keys")))
+        print("What moved against the committed tables:\n  " + "\n  ".join(what_moved(tables)))
     if failures:
         raise StudyError(f"{len(failures)} notebook(s) failed:\n" + "\n".join(failures))
     return executed

@@ -146,3 +146,7 @@ def test_what_moved_names_the_column_row_and_size():
     assert "slope: max change 0.06 (-0.96 -> -0.9 at RDRO)" in lines
     assert "win: max change 0.05 (0.4 -> 0.45 at RDRO)" in lines
     assert compare_tables(old, old) == ["unchanged"]
+    sweep = pd.DataFrame({"dataset": ["x", "x"], "alpha": [0.2, 0.8], "win": [0.5, 0.6]})
+    assert "not identified by ['dataset']" in compare_tables(sweep, sweep)[0]  # a numeric key must be named
+    moved = sweep.assign(win=[0.5, 0.7])
+    assert compare_tables(moved, sweep, keys=["dataset", "alpha"]) == ["win: max change 0.1 (0.6 -> 0.7 at x, 0.8)"]

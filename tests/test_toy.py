@@ -307,7 +307,7 @@ def test_relative_ratio_is_bounded_by_one_over_alpha_the_density_ratio_is_not():
     p_plus, p_minus = rng.random(10_000), rng.random(10_000) ** 8
     for alpha in (0.1, 0.39, 0.5, 0.9):
         assert relative_density_ratio(p_plus, p_minus, alpha).max() <= 1 / alpha + 1e-12
-    curves = ratio_curves(alpha=0.5, p_minus=0.1, p_plus_fixed=0.5)
+    curves = ratio_curves(0.5, p_minus=0.1, p_plus_fixed=0.5)
     vanishing = curves[curves["sweep"] == "p_minus"]
     assert vanishing["g"].max() > 1e5 and vanishing["r"].max() == pytest.approx(2.0, abs=1e-5)
 

@@ -8,7 +8,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from studylib.palette import style
 
@@ -171,7 +171,9 @@ def plot_stability(log: pd.DataFrame, alpha: float, title: str = "") -> Figure:
         if log_scale:
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            low, high = ax.get_ylim()  # label minor ticks on short ranges, only the decades on long ones
+            minor = FuncFormatter(lambda v, _: f"{v:g}") if high / max(low, 1e-300) < 30 else NullFormatter()
+            ax.yaxis.set_minor_formatter(minor)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
