@@ -165,24 +165,20 @@ def _hub_splits(config: RunConfig):
     the evaluation never scores training prompts.
     """
     data = config.data
-    load = dict(drop_empty=True)
-    single_file = data.dataset_path is not None and Path(data.dataset_path).is_file()
-    if data.eval_dataset_path is not None:
-        train_set = load_named(data.dataset, "train", path=data.dataset_path, limit=data.max_train_rows, **load)
-        return train_set, load_named(data.dataset, "test", path=data.eval_dataset_path, **load), {"split": "eval file"}
-    if single_file:
-        whole = load_named(data.dataset, "train", path=data.dataset_path, **load)
-        train_set, test = split_by_prompt(whole, data.eval_fraction, data.data_seed)
+
+    def load(split: str, path: str | None, limit: int | None = None):
+        return load_named(data.dataset, split, path=path, limit=limit, drop_empty=True)
+
+    if data.eval_dataset_path is None and data.dataset_path is not None and Path(data.dataset_path).is_file():
+        train_set, test = split_by_prompt(load("train", data.dataset_path), data.eval_fraction, data.data_seed)
         if data.max_train_rows is not None:
             train_set = train_set.select(range(min(data.max_train_rows, len(train_set))))
-        split = {
-            "split": "one file, held out by prompt",
-            "split_seed": data.data_seed,
-            "eval_fraction": data.eval_fraction,
-        }
-        return train_set, test, split
-    train_set = load_named(data.dataset, "train", path=data.dataset_path, limit=data.max_train_rows, **load)
-    return train_set, load_named(data.dataset, "test", path=data.dataset_path, **load), {"split": "the data set's own"}
+        split = {"split": "one file, held out by prompt", "split_seed": data.data_seed}
+        return train_set, test, split | {"eval_fraction": data.eval_fraction}
+    train_set = load("train", data.dataset_path, data.max_train_rows)
+    if data.eval_dataset_path is not None:
+        return train_set, load("test", data.eval_dataset_path), {"split": "eval file"}
+    return train_set, load("test", data.dataset_path), {"split": "the data set's own"}
 
 
 def build_run_loss(config: RunConfig, data: PreferenceData) -> Loss:
