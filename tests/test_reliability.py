@@ -150,3 +150,13 @@ def test_what_moved_names_the_column_row_and_size():
     assert "not identified by ['dataset']" in compare_tables(sweep, sweep)[0]  # a numeric key must be named
     moved = sweep.assign(win=[0.5, 0.7])
     assert compare_tables(moved, sweep, keys=["dataset", "alpha"]) == ["win: max change 0.1 (0.6 -> 0.7 at x, 0.8)"]
+
+
+def test_a_learning_rate_of_1e3_is_flagged_as_collapsed(tiny_run):
+    """The issue's case on a real (tiny) run: the logits saturate, gradients vanish, and the record says so."""
+    config = tiny_run(learning_rate=1000.0, max_steps=8, batch_size=4, use_lora=False, warmup_ratio=0.0)
+    with pytest.warns(UserWarning, match="collapsed: gradient norm 0 from step"):
+        record = run_experiment(config)
+    assert record["flags"] and record["flags"][0].startswith("collapsed")
+    saved = json.loads((config.run_dir() / "metrics.json").read_text())
+    assert saved["flags"] == record["flags"]
