@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
-KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+KINDS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    dict: "a mapping",
+    list: "a list",
+}
 
 
 def check_like_default(name: str, value: Any, default: Any) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` has the type of ``default``.
 
-    Only plain defaults are checked (bool, int, float, str); None on either side passes, and an int passes
-    for a float. A YAML ``1e-3`` read as text, or ``2.5`` for a step count, fails here, not deep inside a run.
+    A default of None accepts anything (its type is not known here); None is accepted only where the default is
+    None; an int passes for a float. A YAML ``1e-3`` read as text, ``2.5`` for a step count or ``null`` for
+    ``use_lora`` fails here, not deep inside a run.
     """
-    if value is None or type(default) not in KINDS:
+    if default is None or type(default) not in KINDS:
         return
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(value, bool) and isinstance(default, bool)

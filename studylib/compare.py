@@ -32,6 +32,9 @@ def compare_tables(
     ``keys``, by default the text columns), and which rows appear on one side only."""
     if keys is None:
         keys = [c for c in new.columns if c in old.columns and _numbers(new[c]) is None]
+    missing = [k for k in keys if k not in new.columns or k not in old.columns]
+    if missing:
+        return [f"key column(s) {missing} missing from the new or the committed table"]
     if keys and (new.duplicated(keys).any() or old.duplicated(keys).any()):
         return [f"rows are not identified by {keys}: name the key columns (compare: {{path, keys}})"]
     values = [c for c in new.columns if c in old.columns and c not in keys]
@@ -50,7 +53,7 @@ def compare_tables(
         now, then = _numbers(both[column]), _numbers(both[f"{column} (committed)"])
         if now is None or then is None:
             continue
-        change = (now - then).abs()
+        change = (now - then).abs().where(now.isna() == then.isna(), float("inf"))  # a value appeared or vanished
         if change.notna().any() and change.max() > tolerance:
             i = change.idxmax()
             row = ", ".join(map(str, both.loc[i, keys].tolist())) if keys else f"row {i}"

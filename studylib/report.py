@@ -163,7 +163,8 @@ def ratio_findings(runs: pd.DataFrame) -> str:
     ``1/alpha`` beside it: the LM counterpart of notebook 03's ratio column."""
     lines = []
     main = runs[runs.get("sweep", pd.Series(False, index=runs.index)).fillna(False) == False]  # noqa: E712
-    for loss, part in main.groupby("loss"):
+    several = main["dataset"].nunique() > 1
+    for (dataset, loss), part in main.groupby(["dataset", "loss"]):
         peaks = []
         for run_dir in part["run_dir"]:
             curves = pd.read_csv(Path(run_dir) / "curves.csv")
@@ -175,7 +176,8 @@ def ratio_findings(runs: pd.DataFrame) -> str:
         alphas = part["alpha"].dropna().astype(float)
         if len(alphas):
             bound = f" (1/alpha = {1 / alphas.iloc[0]:.2f}: {max(peaks) * alphas.iloc[0]:.1f} times the bound)"
-        lines.append(f"- {loss}: largest exp(T) in a batch {max(peaks):.3g}{bound}")
+        name = f"{loss} ({dataset})" if several else loss
+        lines.append(f"- {name}: largest exp(T) in a batch {max(peaks):.3g}{bound}")
     return "\n".join(lines)
 
 
@@ -211,9 +213,10 @@ def plot_training_curves(runs: pd.DataFrame, seed: int | None = None):
         ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
-    alphas = chosen.loc[chosen["alpha"].notna(), "alpha"].astype(float)
-    if len(alphas):  # RDRO's target ratio is bounded by 1/alpha: draw the bound the text cites
-        axes[2].axhline(1 / alphas.iloc[0], color=style("rdro")["color"], ls="--", lw=1, label="RDRO's 1/alpha")
+    with_alpha = chosen[chosen["alpha"].notna()].drop_duplicates(["dataset", "alpha"])
+    for _, run in with_alpha.iterrows():  # RDRO's target ratio is bounded by 1/alpha: draw the bound the text cites
+        label = "RDRO's 1/alpha" + (f" ({run['dataset']})" if len(with_alpha) > 1 else "")
+        axes[2].axhline(1 / float(run["alpha"]), color=style("rdro")["color"], ls="--", lw=1, label=label)
     handles, labels = [], []
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):

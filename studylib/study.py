@@ -101,18 +101,29 @@ def _check_types(path: Path, where: str, notebook: str, params: dict[str, Any]) 
             raise StudyError(f"{path}: {where}: {err}") from None
 
 
-def _check_lm_run(path: Path, where: str, params: dict[str, Any]) -> None:
-    """A language-model run's knobs, checked as the run itself will check them (``RunConfig.from_flat``)."""
+def _check_lm_runs(path: Path, runs: list[Run]) -> None:
+    """Language-model runs, checked as the notebook will run them: its parameters cell's defaults under the run's
+    parameters, through ``RunConfig.from_flat``; and no two runs the same run (same knobs, same folder)."""
     from studylib.lm.config import RunConfig
 
-    try:
-        RunConfig.from_flat(params)
-    except (ValueError, TypeError, KeyError) as err:
-        raise StudyError(f"{path}: {where}: {err}") from None
+    defaults = _parameter_defaults(NOTEBOOKS / "04_lm_alignment.ipynb")
+    seen: dict[str, str] = {}
+    for run in runs:
+        try:
+            config = RunConfig.from_flat(defaults | run.parameters)
+        except (ValueError, TypeError, KeyError) as err:
+            raise StudyError(f"{path}: run {run.name!r}: {err}") from None
+        folder = str(config.run_dir())
+        if folder in seen:
+            raise StudyError(
+                f"{path}: runs {seen[folder]!r} and {run.name!r} are the same run (every knob that changes a result "
+                f"agrees, one folder {config.name()}): list it once"
+            )
+        seen[folder] = run.name
 
 
-RUN_CHECKS = {"04_lm_alignment": _check_lm_run}
-"""Notebooks whose parameters are checked further when a config loads, by what the notebook runs."""
+RUN_CHECKS = {"04_lm_alignment": _check_lm_runs}
+"""Notebooks whose runs are checked further when a config loads, by what the notebook runs."""
 
 
 def notebook_parameters(path: Path) -> tuple[str, ...]:
@@ -213,9 +224,10 @@ def load_study(profile: str, results_dir: str | Path | None = None) -> tuple[dic
             _check_parameters(path, f"run {name!r}", notebook, params)
             params = _fill(params, context)
             _check_types(path, f"run {name!r}", notebook, params)
-            if notebook in RUN_CHECKS:
-                RUN_CHECKS[notebook](path, f"run {name!r}", params)
             runs.append(Run(notebook, name, params))
+    for notebook, check in RUN_CHECKS.items():
+        if any(r.notebook == notebook for r in runs):
+            check(path, [r for r in runs if r.notebook == notebook])
     names = [r.name for r in runs]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
@@ -351,7 +363,11 @@ def run_study(
         for entry in header["compare"]:  # a path, or {path, keys}
             entry = entry if isinstance(entry, dict) else {"path": entry}
             tables.append((resolve(_fill(entry["path"], context)), entry.get("keys")))
-        print("What moved against the committed tables:\n  " + "\n  ".join(what_moved(tables)))
+        try:
+            moved = what_moved(tables)
+        except Exception as err:  # a comparison must never hide the runs' own failures
+            moved = [f"could not compare: {type(err).__name__}: {err}"]
+        print("What moved against the committed tables:\n  " + "\n  ".join(moved))
     if failures:
         raise StudyError(f"{len(failures)} notebook(s) failed:\n" + "\n".join(failures))
     return executed

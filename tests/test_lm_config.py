@@ -83,3 +83,12 @@ def test_plan_training_reads_the_declarations(loss, knobs, online, plan):
 def test_online_needs_a_reward_model():
     with pytest.raises(ValueError, match="dpo uses no reward model"):
         plan_training(get_loss("dpo"), online=True)
+
+
+def test_null_only_where_the_default_is_null_and_ints_for_floats_are_one_run():
+    with pytest.raises(ValueError, match="use_lora must be true or false"):
+        RunConfig.from_flat({"use_lora": None})
+    with pytest.raises(ValueError, match="loss_kwargs must be a mapping"):
+        RunConfig.from_flat({"loss_kwargs": None})
+    assert RunConfig.from_flat({"dataset_path": None, "lora_alpha": 8}).train.lora_alpha == 8  # default None
+    assert RunConfig.from_flat({"learning_rate": 1}).name() == RunConfig.from_flat({"learning_rate": 1.0}).name()

@@ -244,3 +244,16 @@ def test_lm_rloo_gradient_is_unbiased_by_enumeration(loss):
     assert scale > 1e-3  # not trivially zero
     for g, e in zip(grad, exact_grad, strict=True):  # Llama's RMSNorm runs in float32, hence not 1e-12
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_a_bad_reward_function_is_not_called_divergence(tokenizer):
+    trainer = OnlineTrainer(
+        tiny_model(tokenizer),
+        tokenizer,
+        get_loss("rlhf"),
+        config(),
+        prompt_ids=prompts_for(tokenizer),
+        reward_fn=lambda prompts, completions: torch.zeros(len(completions) + 1),
+    )
+    with pytest.raises(ValueError, match="reward_fn returned 5 rewards for 4 completions"):
+        trainer.train_step()

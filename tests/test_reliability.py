@@ -150,6 +150,9 @@ def test_what_moved_names_the_column_row_and_size():
     assert "not identified by ['dataset']" in compare_tables(sweep, sweep)[0]  # a numeric key must be named
     moved = sweep.assign(win=[0.5, 0.7])
     assert compare_tables(moved, sweep, keys=["dataset", "alpha"]) == ["win: max change 0.1 (0.6 -> 0.7 at x, 0.8)"]
+    gone = sweep.assign(win=[0.5, float("nan")])  # a number that became NaN is a change
+    assert compare_tables(gone, sweep, keys=["dataset", "alpha"])[0].startswith("win: max change inf")
+    assert "missing" in compare_tables(sweep, sweep, keys=["dataset", "beta"])[0]
 
 
 def test_a_learning_rate_of_1e3_is_flagged_as_collapsed(tiny_run):

@@ -145,8 +145,15 @@ def test_lm_knobs_are_checked_when_the_config_loads():
     header, runs = study.load_study("smoke")
     lm = next(r for r in runs if r.notebook == "04_lm_alignment")
     assert isinstance(lm.parameters["learning_rate"], float)  # "0.001" in the YAML, a number here
+    smoke = study.STUDIES / "smoke.yaml"
     with pytest.raises(study.StudyError, match="eval_prompts must be >= 1"):
-        study._check_lm_run(study.STUDIES / "smoke.yaml", "run 'x'", {**lm.parameters, "eval_prompts": 0})
+        study._check_lm_runs(smoke, [study.Run(lm.notebook, "x", {**lm.parameters, "eval_prompts": 0})])
+    # the notebook's own defaults fill in what a run leaves out (its loss_kwargs default is alpha "auto")
+    bare = {k: v for k, v in lm.parameters.items() if k != "loss_kwargs"} | {"loss": "dpo"}
+    with pytest.raises(study.StudyError, match="bad knobs for loss 'dpo'"):
+        study._check_lm_runs(smoke, [study.Run(lm.notebook, "x", bare)])
+    with pytest.raises(study.StudyError, match="are the same run"):  # e.g. a sweep point equal to a main run
+        study._check_lm_runs(smoke, [lm, study.Run(lm.notebook, "y", {**lm.parameters, "sweep": True})])
 
 
 def test_a_failure_before_any_notebook_is_written_says_so(sandbox, monkeypatch):

@@ -122,7 +122,10 @@ class RunConfig:
         unknown = sorted(set(knobs) - set(cls.flat_names()))
         if unknown:
             raise ValueError(f"unknown run knob(s) {unknown}; accepted: {', '.join(sorted(cls.flat_names()))}")
-        _check_types(knobs, cls().to_flat())
+        defaults = cls().to_flat()
+        _check_types(knobs, defaults)
+        # a float knob given as an int (learning_rate: 1) is the same run as 1.0: one identity, one folder
+        knobs = {k: float(v) if isinstance(defaults[k], float) and isinstance(v, int) else v for k, v in knobs.items()}
         parts = {
             name: part(**{f.name: knobs[f.name] for f in dataclasses.fields(part) if f.name in knobs})
             for name, part in PARTS.items()
@@ -226,10 +229,12 @@ def differing_knobs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str,
 
 
 def check_resumable(path: Path, current: dict[str, Any]) -> None:
-    """Refuse to resume the run whose configuration ``path`` holds unless it equals ``current``, naming what differs."""
+    """Refuse to resume the run whose configuration ``path`` holds unless it equals ``current``, naming what differs
+    (knobs that change no result, ``NOT_IDENTITY``, may differ)."""
     if not path.is_file():
         return
-    differ = differing_knobs(json.loads(path.read_text()), current)
+    saved = {k: v for k, v in json.loads(path.read_text()).items() if k not in NOT_IDENTITY}
+    differ = differing_knobs(saved, {k: v for k, v in current.items() if k not in NOT_IDENTITY})
     if differ:
         shown = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
         raise ValueError(

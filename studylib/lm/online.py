@@ -226,7 +226,9 @@ class OnlineTrainer:
         seed = self.config.seed * 1_000_003 + self.step
         try:
             loss, metrics, completions = self._step_loss(seed)
-        except ValueError as err:  # e.g. a loss's check that log-probs hold no NaN
+        except ValueError as err:  # a loss's check that log-probs hold no NaN: divergence; anything else is not
+            if "NaN" not in str(err):
+                raise
             raise FloatingPointError(f"on-policy step {self.step + 1}: {err}") from err
         except RuntimeError as err:  # torch's sampler on non-finite probabilities
             if "inf" not in str(err) and "nan" not in str(err):

@@ -3,7 +3,9 @@
 - ``claim_run``: before anything is written, refuse a folder that holds a run with other knobs (it would
   resume that run's checkpoints) and a run that another live process holds; then save the resolved
   configuration (``run_config.json``) and take the lock. A killed run leaves its lock behind, but with a dead
-  process id, so the next claim takes it over: nothing stays stuck.
+  process id, so the next claim takes it over: nothing stays stuck. (Two processes that find the same dead
+  lock at the same instant can both take it over, and a dead holder's id reused by a new process keeps the
+  lock held: both rare; delete ``.lock`` by hand in the second case.)
 - ``release_run``: drop the lock once the run is saved.
 - ``run_flags``: what a finished run's numbers say went wrong (gradients collapsed to zero, a KL past a bound).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -35,25 +38,35 @@ def _alive(pid: int) -> bool:
     return True
 
 
+CLAIM_SECONDS = 30.0
+"""A lock file without a readable process id this young is another process's claim being written: held."""
+
+
 def _acquire(lock: Path) -> None:
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    """Create ``lock`` holding this process's id, atomically (written beside it, then hard-linked into place, so
+    a reader never sees it empty); refuse while its holder lives, take it over once its holder is gone."""
+    mine = lock.with_name(f"{lock.name}.{os.getpid()}")
+    mine.write_text(str(os.getpid()))
+    try:
+        while True:
             try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
+                os.link(mine, lock)
+                return
+            except FileExistsError:
+                pass
+            try:
+                text, age = lock.read_text().strip(), time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            pid = int(text) if text.isdigit() else 0
+            if (pid and pid != os.getpid() and _alive(pid)) or (not pid and age < CLAIM_SECONDS):
                 raise RuntimeError(
-                    f"run {lock.parent.name} is in progress in process {pid} (lock {lock}): "
+                    f"run {lock.parent.name} is in progress in process {pid or 'unknown'} (lock {lock}): "
                     "wait for it to finish, or stop it"
                 ) from None
             lock.unlink(missing_ok=True)  # left by a killed run (or by this process): take it over
-            continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
-        return
+    finally:
+        mine.unlink(missing_ok=True)
 
 
 def claim_run(config: RunConfig) -> Path:
