@@ -77,23 +77,9 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _parameter_defaults(path: Path) -> dict[str, Any]:
-    """The literal default of each parameter of a notebook's ``parameters`` cell (None where not a literal)."""
-    cells = json.loads(path.read_text())["cells"]
-    source = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))["source"]
-    defaults = {}
-    for node in ast.parse(source if isinstance(source, str) else "".join(source)).body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            try:
-                defaults[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                defaults[node.targets[0].id] = None
-    return defaults
-
-
 def _check_types(path: Path, where: str, notebook: str, params: dict[str, Any]) -> None:
     """Each parameter must be like its default in the notebook's parameters cell (``checks.check_like_default``)."""
-    defaults = _parameter_defaults(NOTEBOOKS / f"{notebook}.ipynb")
+    defaults = parameter_defaults(NOTEBOOKS / f"{notebook}.ipynb")
     for name, value in params.items():
         try:
             check_like_default(f"parameter {name!r} of {notebook}", value, defaults.get(name))
@@ -106,7 +92,7 @@ def _check_lm_runs(path: Path, runs: list[Run]) -> None:
     parameters, through ``RunConfig.from_flat``; and no two runs the same run (same knobs, same folder)."""
     from studylib.lm.config import RunConfig
 
-    defaults = _parameter_defaults(NOTEBOOKS / "04_lm_alignment.ipynb")
+    defaults = parameter_defaults(NOTEBOOKS / "04_lm_alignment.ipynb")
     seen: dict[str, str] = {}
     for run in runs:
         try:
@@ -126,19 +112,29 @@ RUN_CHECKS = {"04_lm_alignment": _check_lm_runs}
 """Notebooks whose runs are checked further when a config loads, by what the notebook runs."""
 
 
-def notebook_parameters(path: Path) -> tuple[str, ...]:
-    """The names a notebook's ``parameters`` cell assigns, in order (the cell is parsed, not run)."""
+def parameter_defaults(path: Path) -> dict[str, Any]:
+    """The names a notebook's ``parameters`` cell assigns, in order, each with its literal default (None where the
+    value is not a literal); the cell is parsed, not run."""
     cells = json.loads(path.read_text())["cells"]
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     if not tagged:
         raise StudyError(f"{path} has no cell tagged 'parameters'")
     source = tagged[0]["source"]
-    tree = ast.parse(source if isinstance(source, str) else "".join(source))
-    names = []
-    for node in tree.body:
+    defaults: dict[str, Any] = {}
+    for node in ast.parse(source if isinstance(source, str) else "".join(source)).body:
         targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
-        names += [t.id for t in targets if isinstance(t, ast.Name)]
-    return tuple(names)
+        for target in targets:
+            if isinstance(target, ast.Name):
+                try:
+                    defaults[target.id] = ast.literal_eval(node.value) if node.value is not None else None
+                except ValueError:
+                    defaults[target.id] = None
+    return defaults
+
+
+def notebook_parameters(path: Path) -> tuple[str, ...]:
+    """The names a notebook's ``parameters`` cell assigns, in order."""
+    return tuple(parameter_defaults(path))
 
 
 def notebook_stamp(notebook: str, namespace: Mapping[str, Any], seed: Any = None) -> dict[str, Any]:

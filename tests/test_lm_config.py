@@ -9,7 +9,7 @@ import pytest
 from studylib.lm.config import DataConfig, EvalConfig, RunConfig, TrainConfig
 from studylib.lm.experiment import TrainingPlan, plan_training
 from studylib.losses import get_loss
-from studylib.study import NOTEBOOKS, notebook_parameters
+from studylib.study import NOTEBOOKS, notebook_parameters, parameter_defaults
 
 
 def test_flat_names_are_unique_and_cover_every_part():
@@ -25,12 +25,7 @@ def test_notebook_04_exposes_exactly_the_run_knobs():
 
 
 def test_notebook_04_defaults_are_the_config_defaults():
-    import ast
-    import json
-
-    cells = json.loads((NOTEBOOKS / "04_lm_alignment.ipynb").read_text())["cells"]
-    source = "".join(next(c for c in cells if "parameters" in c["metadata"].get("tags", []))["source"])
-    values = {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(source).body}
+    values = parameter_defaults(NOTEBOOKS / "04_lm_alignment.ipynb")
     defaults = RunConfig().to_flat()
     differ = {k: (values[k], defaults[k]) for k in values if values[k] != defaults[k] and k != "loss_kwargs"}
     assert not differ

@@ -21,7 +21,7 @@ from typing import Any
 
 from studylib.checks import check_like_default
 from studylib.lm.lora import LORA_TARGETS
-from studylib.losses import LOSSES, build_loss
+from studylib.losses import LOSSES, Loss, build_loss
 
 
 @dataclass
@@ -218,6 +218,17 @@ class RunConfig:
 def _check_types(knobs: dict[str, Any], defaults: dict[str, Any]) -> None:
     for name, value in knobs.items():
         check_like_default(name, value, defaults[name])
+
+
+def record_training_config(output_dir: str | Path, loss_fn: Loss, config: TrainConfig) -> None:
+    """Before a trainer touches ``output_dir``: refuse to resume checkpoints made with other knobs
+    (``check_resumable``), then save this run's loss and knobs as ``train_config.json``."""
+    from studylib.results import write_atomic
+
+    described = {"loss": repr(loss_fn), **dataclasses.asdict(config)}
+    path = Path(output_dir) / "train_config.json"
+    check_resumable(path, described)
+    write_atomic(path, json.dumps(described, indent=2))
 
 
 def differing_knobs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

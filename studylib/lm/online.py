@@ -37,7 +37,6 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -46,7 +45,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from studylib.lm.batching import model_logps, pad_sequences, pad_token_id
-from studylib.lm.config import TrainConfig, check_resumable
+from studylib.lm.config import TrainConfig, record_training_config
 from studylib.lm.reference import policy_and_reference
 from studylib.lm.sampling import sample_completions
 from studylib.losses import Loss
@@ -263,10 +262,7 @@ class OnlineTrainer:
         """Resume from the latest checkpoint in ``output_dir`` if any, then train up to ``config.max_steps``."""
         out, steps, every = self.output_dir, self.config.max_steps, self.config.checkpoint_every()
         if out is not None:
-            check_resumable(out / "train_config.json", {"loss": repr(self.loss_fn), **asdict(self.config)})
-            write_atomic(
-                out / "train_config.json", json.dumps({"loss": repr(self.loss_fn), **asdict(self.config)}, indent=2)
-            )
+            record_training_config(out, self.loss_fn, self.config)
             self.resume(out)
         for _ in tqdm(range(self.step, steps), desc=f"{self.loss_fn.name} (on-policy)", leave=False):
             self.train_step()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from studylib.lm.batching import model_logps, pad_sequences, pad_token_id, score_sequences
-from studylib.lm.config import TrainConfig, check_resumable
+from studylib.lm.config import TrainConfig, record_training_config
 from studylib.lm.reference import Reference, policy_and_reference
 from studylib.losses import Loss
 from studylib.results import write_atomic
@@ -294,9 +294,7 @@ def build_trainer(
     check_rows(rows, loss_fn)
     pad_id = pad_token_id(tokenizer)
     model, reference = policy_and_reference(model, config, loss_fn.needs_reference, reference_model)
-    described = {"loss": repr(loss_fn), **asdict(config)}
-    check_resumable(Path(output_dir) / "train_config.json", described)  # never resume another run's checkpoints
-    write_atomic(Path(output_dir) / "train_config.json", json.dumps(described, indent=2))
+    record_training_config(output_dir, loss_fn, config)  # never resume another run's checkpoints
     if loss_fn.uses_reference and uses_precomputed_reference(config, len(rows)):
         rows = attach_reference_logps(reference, rows, loss_fn, pad_id, config.reference_batch_size, output_dir)
     return AlignmentTrainer(
