@@ -1,26 +1,70 @@
-"""Per-sequence log-probabilities of completions from a causal LM's logits."""
+"""Per-sequence log-probabilities of completions from a causal LM's logits.
+
+The log-softmax is never materialised: ``log p(target) = logit[target] - logsumexp(logits)`` is computed in
+float32 a chunk of positions at a time (whatever the logits' dtype), and its gradient
+``onehot(target) - softmax(logits)`` is recomputed the same way in the backward pass. So no float32 copy of a
+(batch, length, vocab) tensor exists at any time, and bf16 logits keep float32 accuracy in the sums.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+CHUNK_ELEMENTS = 1 << 22  # float32 elements per chunk of the log-sum-exp (16 MiB)
+
+
+class _SelectedLogSoftmax(torch.autograd.Function):
+    """``log softmax(logits)[target]`` for (tokens, vocab) logits, in float32, chunked over tokens."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        chunk = max(1, CHUNK_ELEMENTS // logits.shape[-1])
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for i in range(0, logits.shape[0], chunk):
+            lse[i : i + chunk] = torch.logsumexp(logits[i : i + chunk].float(), dim=-1)
+        ctx.save_for_backward(logits, targets, lse)
+        return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1).float() - lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        logits, targets, lse = ctx.saved_tensors
+        chunk = max(1, CHUNK_ELEMENTS // logits.shape[-1])
+        grad_logits = torch.empty_like(logits)
+        grad = grad.float()
+        for i in range(0, logits.shape[0], chunk):
+            g = grad[i : i + chunk, None]
+            part = torch.exp(logits[i : i + chunk].float() - lse[i : i + chunk, None]).mul_(-g)
+            part.scatter_add_(1, targets[i : i + chunk, None], g)
+            grad_logits[i : i + chunk] = part
+        return grad_logits, None
+
 
 def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
-    """``log softmax(logits)[..., target]`` without a full-vocabulary log-softmax copy where avoidable.
+    """``log softmax(logits)[..., target]`` in float32 (float64 for float64 logits), any leading shape."""
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)} plus a vocab axis")
+    if logits.dtype == torch.float64:  # exact reference path (tests, toy)
+        return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    flat = _SelectedLogSoftmax.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return flat.reshape(targets.shape)
 
-    Full-precision logits: the selected logit minus ``logsumexp`` over the vocabulary. Half-precision
-    logits are upcast one sequence at a time, so the float32 copy is one row of the batch, never all.
+
+def completion_logps(logits: Tensor, targets: Tensor, mask: Tensor, average: bool = False) -> Tensor:
+    """Sum (or mean) over the masked positions of ``log softmax(logits)[target]``, one value per row.
+
+    ``logits``: (batch, positions, vocab), position t predicting ``targets[:, t]``; ``mask``: (batch, positions),
+    1 where the target is a completion token. Only masked positions enter the log-sum-exp.
     """
-    if logits.dtype in (torch.float32, torch.float64):
-        selected = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
-        return selected - torch.logsumexp(logits, dim=-1)
-    rows = []
-    for row_logits, row_targets in zip(logits, targets, strict=True):
-        row_logits = row_logits.float()
-        selected = torch.gather(row_logits, -1, row_targets.unsqueeze(-1)).squeeze(-1)
-        rows.append(selected - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(rows)
+    mask = mask.to(torch.bool)
+    if not mask.any(dim=1).all():
+        empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"sequences {empty} have an empty completion (no masked-in token after the first)")
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    per_token = torch.zeros(mask.shape, dtype=dtype, device=logits.device)
+    per_token = per_token.masked_scatter(mask, token_logps(logits[mask], targets[mask]))
+    total = per_token.sum(dim=1)
+    return total / mask.sum(dim=1) if average else total
 
 
 def sequence_logps(logits: Tensor, input_ids: Tensor, completion_mask: Tensor, average: bool = False) -> Tensor:
@@ -40,14 +84,4 @@ def sequence_logps(logits: Tensor, input_ids: Tensor, completion_mask: Tensor, a
         raise ValueError(
             f"completion_mask shape {tuple(completion_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
         )
-    targets = input_ids[:, 1:]
-    mask = completion_mask[:, 1:].to(torch.bool)
-    if not mask.any(dim=1).all():
-        empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
-        raise ValueError(f"sequences {empty} have an empty completion (no masked-in token after the first)")
-    per_token = token_logps(logits[:, :-1], targets)
-    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-    total = per_token.sum(dim=1)
-    if average:
-        return total / mask.sum(dim=1)
-    return total
+    return completion_logps(logits[:, :-1], input_ids[:, 1:], completion_mask[:, 1:], average)

@@ -73,3 +73,22 @@ def test_errors_name_the_problem():
         sequence_logps(logits, ids, empty)
     with pytest.raises(ValueError, match="logits must be"):
         sequence_logps(logits[0], ids, mask)
+
+
+def test_bfloat16_gradient_is_float32_accurate_and_chunking_changes_nothing(monkeypatch):
+    """The chunked float32 log-sum-exp and its recomputed gradient: the same for any chunk size, and the bf16
+    logits' gradient equal to the float64 one on the same values up to bf16 rounding of the result."""
+    logits, ids, mask = random_batch(torch.bfloat16, seed=4)
+    results = []
+    for chunk in (1 << 22, 7 * 50):  # one chunk, and 7 positions per chunk
+        monkeypatch.setattr("studylib.logprobs.CHUNK_ELEMENTS", chunk)
+        a = logits.clone().requires_grad_(True)
+        value = sequence_logps(a, ids, mask)
+        value.sum().backward()
+        results.append((value, a.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=0, rtol=0)
+    b = logits.double().requires_grad_(True)
+    naive(b, ids, mask).sum().backward()
+    assert results[0][1].dtype == torch.bfloat16
+    torch.testing.assert_close(results[0][1].double(), b.grad, atol=4e-3, rtol=1e-2)

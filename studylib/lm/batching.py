@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from studylib.logprobs import sequence_logps
+from studylib.logprobs import completion_logps
 
 
 def pad_token_id(tokenizer) -> int:
@@ -16,28 +17,84 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "completion_mask")  # what pad_sequences returns
+
+
 def pad_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int) -> dict:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``completion_mask`` for prompt + completion rows."""
+    """One padded batch of prompt + completion rows: prompts left-padded, completions right-padded.
+
+    Every prompt ends at the same column, so every completion starts at the same one (``completion_start``),
+    and the logits a loss needs are one slice of positions shared by the whole batch (see ``model_logps``).
+    Returns ``input_ids``, ``attention_mask``, ``position_ids`` (0 at each row's first real token) and
+    ``completion_mask`` (1 on completion tokens), each (rows, width).
+    """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
-    width = max(lengths)
+    prompt_width = max(len(p) for p in prompts)
+    width = prompt_width + max(len(c) for c in completions)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(prompts), width), dtype=torch.long)
     completion = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         if not c:
             raise ValueError(f"row {i} has an empty completion")
-        input_ids[i, : len(p) + len(c)] = torch.tensor(list(p) + list(c))
-        attention[i, : len(p) + len(c)] = 1
-        completion[i, len(p) : len(p) + len(c)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
+        start, end = prompt_width - len(p), prompt_width + len(c)
+        input_ids[i, start:end] = torch.tensor(list(p) + list(c))
+        attention[i, start:end] = 1
+        completion[i, prompt_width:end] = 1
+    position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "position_ids": position_ids,
+        "completion_mask": completion,
+    }
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Column of each row's last real token (padding on either side)."""
+    if not attention_mask.any(dim=1).all():
+        raise ValueError("a row of the batch is all padding")
+    width = attention_mask.shape[1]
+    return width - 1 - attention_mask.flip(1).to(torch.long).argmax(dim=1)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside any distributed or compiled wrapper (``module`` / ``_orig_mod`` attributes)."""
+    while True:
+        inner = model.__dict__.get("_modules", {}).get("module") or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    base = unwrap(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def model_logps(model: torch.nn.Module, batch: dict[str, Tensor], average: bool = False) -> Tensor:
-    """Per-sequence completion log-probs of a padded batch under ``model`` (gradients flow if enabled)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return sequence_logps(logits, batch["input_ids"], batch["completion_mask"], average=average)
+    """Per-sequence completion log-probs of a padded batch under ``model`` (gradients flow if enabled).
+
+    Only the positions that predict a completion token go through the output layer (``logits_to_keep``), and
+    their log-softmax is taken in float32 chunks (``studylib.logprobs``): no work and no memory on the prompt's
+    logits. Works for any right-padded completion layout; ``pad_sequences``' layout makes the slice tight.
+    """
+    input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
+    columns = completion_mask.any(dim=0).nonzero().flatten()
+    if len(columns) == 0 or columns[0] == 0:
+        raise ValueError("every row needs a prompt of at least one token and a non-empty completion")
+    first = int(columns[0])  # logits at positions first-1 .. width-2 predict tokens first .. width-1
+    keep = input_ids.shape[1] - first + 1
+    inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "use_cache": False}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    if _accepts_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=keep).logits[:, :-1]
+    else:
+        logits = model(**inputs).logits[:, first - 1 : -1]
+    return completion_logps(logits, input_ids[:, first:], completion_mask[:, first:], average)
 
 
 @torch.no_grad()

@@ -54,7 +54,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 10.0
     seed: int = 0
-    bf16: bool = False
+    bf16: bool = False  # frozen weights in bf16 (LoRA base, reference), trained ones fp32 + autocast; CPU too
     use_lora: bool = True
     lora_r: int = 16
     lora_alpha: int | None = None  # None: 2 * lora_r
@@ -175,10 +175,16 @@ class RunConfig:
 
     def check_machine(self) -> None:
         """What this machine must offer the run (checked when the run starts, not when a config is validated)."""
+        import warnings
+
         import torch
 
-        if self.train.bf16 and not torch.cuda.is_available():
-            raise ValueError("bf16: true needs a GPU here (transformers' Trainer refuses bf16 on a CPU-only machine)")
+        if self.train.bf16 and not torch.cuda.is_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            warnings.warn(
+                "bf16: true on a CPU without native bf16 instructions (AVX-512 BF16 or AMX): it runs, but slower "
+                "than float32; set bf16: false",
+                stacklevel=2,
+            )
 
     def identity(self) -> dict[str, Any]:
         """The knobs that change the run's result (all but ``NOT_IDENTITY``), as saved beside it."""

@@ -46,7 +46,7 @@ from transformers import PreTrainedModel
 
 from studylib.lm.batching import model_logps, pad_sequences, pad_token_id
 from studylib.lm.config import TrainConfig, record_training_config
-from studylib.lm.reference import policy_and_reference
+from studylib.lm.reference import autocast_context, policy_and_reference
 from studylib.lm.sampling import sample_completions
 from studylib.losses import Loss
 from studylib.losses.on_policy import leave_one_out_advantages
@@ -224,7 +224,8 @@ class OnlineTrainer:
         start = time.perf_counter()
         seed = self.config.seed * 1_000_003 + self.step
         try:
-            loss, metrics, completions = self._step_loss(seed)
+            with autocast_context(self.policy, self.config):
+                loss, metrics, completions = self._step_loss(seed)
         except ValueError as err:  # a loss's check that log-probs hold no NaN: divergence; anything else is not
             if "NaN" not in str(err):
                 raise

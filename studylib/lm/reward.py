@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from studylib.lm.batching import pad_sequences, pad_token_id
+from studylib.lm.batching import last_token_index, pad_sequences, pad_token_id
 from studylib.lm.lora import add_lora
 from studylib.results import write_atomic
 
@@ -62,12 +62,12 @@ class RewardModel(nn.Module):
         device = next(model.parameters()).device
         return cls(backbone, model.config.hidden_size, pad_id, seed).to(device)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Rewards (float32, one per row) of a right-padded batch."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        last = attention_mask.sum(dim=1) - 1
-        if (last < 0).any():
-            raise ValueError("a row of the batch is all padding")
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """Rewards (float32, one per row) of a padded batch: the head on each row's last real token."""
+        last = last_token_index(attention_mask)
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.head(final.to(self.head.weight.dtype)).squeeze(-1).float()
 
@@ -75,7 +75,7 @@ class RewardModel(nn.Module):
         """Rewards of (prompt, completion) token rows, as one padded batch (gradients flow if enabled)."""
         device = self.head.weight.device
         batch = pad_sequences(prompts, completions, self.pad_id)
-        return self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        return self(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")))
 
     @torch.no_grad()
     def score(

@@ -4,8 +4,10 @@ The loss is built once by the caller (``studylib.losses.build_loss``) and passed
 from its declarations, never from its name:
 
 - ``kind`` paired: batches of (prompt, chosen, rejected); unpaired: (prompt, completion, label).
-  ``mismatched_pairs`` (KTO): mismatched rows built inside the micro-batch by shifting completions by one,
-  as TRL does. ``needs_reward_model`` (distillation): rows carry ``reward_margin``.
+  ``mismatched_pairs`` (KTO's ``z0``): each row is given once, before training, another row's completion
+  (``kl_completion_ids``, a seeded cycle through the rows, as TRL fixes its KL pairs), so the reference's
+  log-probs of the mismatched pairs are precomputed with the rest. ``needs_reward_model`` (distillation):
+  rows carry ``reward_margin``.
 - ``uses_reference``: reference log-probs (``studylib.lm.reference``) computed once before training and
   cached in ``output_dir``, or, for runs shorter than an epoch, on the fly for each batch. A reference-free
   loss (SimPO, PMLE) never runs a reference forward.
@@ -30,9 +32,9 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from studylib.lm.batching import model_logps, pad_sequences, pad_token_id, score_sequences
+from studylib.lm.batching import BATCH_KEYS, model_logps, pad_sequences, pad_token_id, score_sequences
 from studylib.lm.config import TrainConfig, record_training_config
-from studylib.lm.reference import Reference, policy_and_reference
+from studylib.lm.reference import Reference, autocast_context, policy_and_reference
 from studylib.losses import Loss
 from studylib.results import write_atomic
 
@@ -54,7 +56,8 @@ def training_arguments(config: TrainConfig, output_dir: str | Path) -> TrainingA
         save_total_limit=2,
         seed=config.seed,
         data_seed=config.seed,
-        bf16=config.bf16,
+        bf16=config.bf16,  # autocast; the frozen weights are bf16 themselves (reference.policy_and_reference)
+        use_cpu=config.bf16 and not torch.cuda.is_available(),  # transformers' bf16 check wants this on a CPU
         remove_unused_columns=False,
         report_to=[],
         disable_tqdm=False,
@@ -103,12 +106,24 @@ class AlignmentCollator:
         if "ref_logps" in rows[0]:
             batch["ref_logps"] = torch.tensor([r["ref_logps"] for r in rows])
         if self.mismatched_pairs:
-            if len(rows) < 2:
-                raise ValueError("mismatched pairs (KTO's z0) need a micro-batch of at least 2 rows: batch_size >= 2")
-            shifted = completions[-1:] + completions[:-1]
-            kl = pad_sequences(prompts, shifted, self.pad_id)
+            kl = pad_sequences(prompts, [r["kl_completion_ids"] for r in rows], self.pad_id)
             batch.update({f"kl_{k}": v for k, v in kl.items()})
+            if "ref_kl_logps" in rows[0]:
+                batch["ref_kl_logps"] = torch.tensor([r["ref_kl_logps"] for r in rows])
         return batch
+
+
+def attach_mismatched_completions(rows: list[dict], seed: int) -> list[dict]:
+    """Copies of ``rows``, each with ``kl_completion_ids``: the completion of the next row in a seeded cycle.
+
+    KTO's ``z0`` estimates ``KL(pi || pi_ref)`` on prompts paired with unrelated completions; fixing the
+    pairs once (as TRL does) lets their reference log-probs be computed once with the rest.
+    """
+    if len(rows) < 2:
+        raise ValueError("mismatched pairs (KTO's z0) need at least 2 training rows")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    partner = {i: order[(k + 1) % len(order)] for k, i in enumerate(order)}
+    return [{**r, "kl_completion_ids": rows[partner[i]]["completion_ids"]} for i, r in enumerate(rows)]
 
 
 class AlignmentTrainer(Trainer):
@@ -126,13 +141,13 @@ class AlignmentTrainer(Trainer):
         self._window: dict[str, list[float]] = {}
 
     def _logps(self, model, inputs: dict, prefix: str = "") -> torch.Tensor:
-        batch = {k: inputs[prefix + k] for k in ("input_ids", "attention_mask", "completion_mask")}
+        batch = {k: inputs[prefix + k] for k in BATCH_KEYS}
         return model_logps(model, batch, self.loss_fn.length_normalized)
 
     def _reference_logps(self, inputs: dict, prefix: str = "") -> torch.Tensor:
         if self.reference is None:
             raise RuntimeError(f"{self.loss_fn.name} asked for reference log-probs but the trainer has no reference")
-        batch = {k: inputs[prefix + k] for k in ("input_ids", "attention_mask", "completion_mask")}
+        batch = {k: inputs[prefix + k] for k in BATCH_KEYS}
         return self.reference.logps(batch, self.loss_fn.length_normalized)
 
     def _stop_if_not_finite(self, what: str, value: torch.Tensor, step: int | None = None) -> None:
@@ -162,7 +177,10 @@ class AlignmentTrainer(Trainer):
             if loss_fn.mismatched_pairs:
                 with torch.no_grad():
                     extra["policy_kl_logps"] = self._logps(model, inputs, "kl_")
-                extra["reference_kl_logps"] = self._reference_logps(inputs, "kl_")
+                if "ref_kl_logps" in inputs:
+                    extra["reference_kl_logps"] = inputs["ref_kl_logps"].to(logps)
+                else:
+                    extra["reference_kl_logps"] = self._reference_logps(inputs, "kl_")
             loss, metrics = loss_fn(logps, reference, inputs["labels_preferred"], **extra)
         self._stop_if_not_finite("the loss", loss)
         self._record(metrics)
@@ -194,7 +212,7 @@ class AlignmentTrainer(Trainer):
 def _rows_key(rows: list[dict], kind: str, average: bool) -> str:
     digest = hashlib.sha256(json.dumps([kind, average]).encode())
     for r in rows:
-        for key in ("prompt_ids", "completion_ids", "chosen_ids", "rejected_ids"):
+        for key in ("prompt_ids", "completion_ids", "chosen_ids", "rejected_ids", "kl_completion_ids"):
             if key in r:
                 digest.update(str(r[key]).encode())
     return digest.hexdigest()[:16]
@@ -223,6 +241,8 @@ def attach_reference_logps(
                 }
             else:
                 cached = {"logps": score([r["completion_ids"] for r in rows])}
+                if "kl_completion_ids" in rows[0]:
+                    cached["kl_logps"] = score([r["kl_completion_ids"] for r in rows])
         buffer = io.BytesIO()
         torch.save(cached, buffer)
         write_atomic(cache, buffer.getvalue())
@@ -231,7 +251,11 @@ def attach_reference_logps(
             {**r, "ref_chosen_logps": float(cached["chosen"][i]), "ref_rejected_logps": float(cached["rejected"][i])}
             for i, r in enumerate(rows)
         ]
-    return [{**r, "ref_logps": float(cached["logps"][i])} for i, r in enumerate(rows)]
+    kl = {"ref_kl_logps": cached["kl_logps"]} if "kl_logps" in cached else {}
+    return [
+        {**r, "ref_logps": float(cached["logps"][i])} | {k: float(v[i]) for k, v in kl.items()}
+        for i, r in enumerate(rows)
+    ]
 
 
 def preferred_fraction(rows: list[dict]) -> float:
@@ -295,8 +319,11 @@ def build_trainer(
     pad_id = pad_token_id(tokenizer)
     model, reference = policy_and_reference(model, config, loss_fn.needs_reference, reference_model)
     record_training_config(output_dir, loss_fn, config)  # never resume another run's checkpoints
+    if loss_fn.mismatched_pairs:
+        rows = attach_mismatched_completions(rows, config.seed)
     if loss_fn.uses_reference and uses_precomputed_reference(config, len(rows)):
-        rows = attach_reference_logps(reference, rows, loss_fn, pad_id, config.reference_batch_size, output_dir)
+        with autocast_context(model, config):  # as the policy computes its log-probs in training
+            rows = attach_reference_logps(reference, rows, loss_fn, pad_id, config.reference_batch_size, output_dir)
     return AlignmentTrainer(
         model=model,
         args=training_arguments(config, output_dir),
