@@ -21,16 +21,6 @@ from studylib.lm.experiment import load_preferences, run_experiment
 from studylib.lm.runs import LOCK_NAME, claim_run, release_run, run_flags
 from studylib.study import ROOT
 
-TINY = {"model": "tiny", "dataset": "ufb", "dataset_path": "tests/fixtures/ufb_small", "loss": "rdro"}
-TINY |= {"max_steps": 2, "batch_size": 2, "eval_prompts": 2, "eval_max_new_tokens": 4}
-
-
-@pytest.fixture
-def tiny_run(tmp_path, monkeypatch):
-    monkeypatch.setenv("STUDYLIB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(ROOT)
-    return lambda **knobs: RunConfig.from_flat(TINY | {"results_dir": str(tmp_path / "lm")} | knobs)
-
 
 def test_a_grid_over_learning_rate_keeps_both_results(tiny_run, tmp_path):
     first, second = tiny_run(learning_rate=1e-3), tiny_run(learning_rate=1e-2)
@@ -90,7 +80,9 @@ def test_one_file_is_split_into_disjoint_prompts(tiny_run, tmp_path):
     ("knobs", "message"),
     [
         ({"eval_prompts": 0}, "eval_prompts must be >= 1"),
-        ({"loss": "kto", "batch_size": 1}, r"batch_size must be >= 2 \(kto's mismatched pairs\)"),
+        ({"training_args": {"not_a_field": 1}}, r"\['not_a_field'\] are not fields of transformers.TrainingArguments"),
+        ({"training_args": {"learning_rate": 1.0}}, "set it with the run knob 'learning_rate'"),
+        ({"training_args": {"output_dir": "x"}}, "'output_dir' cannot be given here \\(the trainer sets it\\)"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"max_steps": 0}, "max_steps must be >= 1, or -1"),
         ({"loss": "rlhf", "max_steps": -1}, "on-policy training counts steps"),
@@ -101,9 +93,9 @@ def test_one_file_is_split_into_disjoint_prompts(tiny_run, tmp_path):
         ({"max_prompt_length": 500}, r"max_prompt_length must be in \[1, max_length\)"),
     ],
 )
-def test_bad_knobs_fail_before_anything_is_written(tmp_path, monkeypatch, knobs, message):
+def test_bad_knobs_fail_before_anything_is_written(tmp_path, monkeypatch, tiny_knobs, knobs, message):
     monkeypatch.chdir(ROOT)
-    params = TINY | {"results_dir": str(tmp_path / "lm")} | knobs
+    params = tiny_knobs | {"results_dir": str(tmp_path / "lm")} | knobs
     with pytest.raises((ValueError, KeyError), match=message):
         RunConfig.from_flat(params)
     (tmp_path / "run.json").write_text(json.dumps(params))

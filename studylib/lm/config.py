@@ -72,6 +72,9 @@ class TrainConfig:
     max_new_tokens: int = 48  # length cap of the policy's samples during training
     generation_batch_size: int = 16
     reward_epochs: float = 1.0  # the reward model's training epochs (losses that need one)
+    # any other transformers.TrainingArguments field for the offline trainer (report_to, gradient_checkpointing,
+    # push_to_hub, ...); report_to defaults to "none". A field with a knob of its own above is set by that knob.
+    training_args: dict[str, Any] = field(default_factory=dict)
 
     def checkpoint_every(self) -> int:
         """Steps between checkpoints: ``save_steps`` or ``max(10, max_steps // 2)`` (200 for epoch-based runs)."""
@@ -88,10 +91,52 @@ class EvalConfig:
     eval_max_new_tokens: int = 48
 
 
+# TrainingArguments fields set by a knob of TrainConfig (knob named), or fixed by the trainer (None)
+MANAGED_TRAINING_ARGS: dict[str, str | None] = {
+    "output_dir": None,
+    "remove_unused_columns": None,
+    "learning_rate": "learning_rate",
+    "num_train_epochs": "num_train_epochs",
+    "max_steps": "max_steps",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "lr_scheduler_type": "lr_scheduler_type",
+    "warmup_steps": "warmup_ratio",
+    "warmup_ratio": "warmup_ratio",
+    "max_grad_norm": "max_grad_norm",
+    "logging_steps": "logging_steps",
+    "save_steps": "save_steps",
+    "seed": "seed",
+    "data_seed": "seed",
+    "bf16": "bf16",
+}
+
+
+def check_training_args(training_args: dict[str, Any]) -> None:
+    """Raise, naming the key, if ``training_args`` holds a key ``TrainingArguments`` lacks or one set elsewhere."""
+    from transformers import TrainingArguments
+
+    if not isinstance(training_args, dict):
+        raise ValueError(f"training_args must be a mapping of TrainingArguments fields, got {training_args!r}")
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(training_args) - fields)
+    if unknown:
+        raise ValueError(f"training_args: {unknown} are not fields of transformers.TrainingArguments")
+    for key in sorted(set(training_args) & set(MANAGED_TRAINING_ARGS)):
+        knob = MANAGED_TRAINING_ARGS[key]
+        where = f"set it with the run knob {knob!r}" if knob else "the trainer sets it"
+        raise ValueError(f"training_args: {key!r} cannot be given here ({where})")
+
+
 PARTS = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
 DATASETS = ("offline", "ufg", "mix14k", "ufb")
 NOT_IDENTITY = ("results_dir", "run_name", "sweep", "keep_checkpoints", "logging_steps", "save_steps")
 """Knobs that do not change a run's result, and so are not part of its identity (``RunConfig.identity``)."""
+NOT_IDENTITY_TRAINING_ARGS = (
+    "report_to", "logging_dir", "run_name", "disable_tqdm", "save_total_limit", "dataloader_num_workers",
+    "dataloader_pin_memory", "gradient_checkpointing", "gradient_checkpointing_kwargs", "push_to_hub",
+    "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
+)  # fmt: skip
 
 
 @dataclass
@@ -161,8 +206,6 @@ class RunConfig:
         for knob in ("max_new_tokens", "eval_max_new_tokens", "data_max_new_tokens"):
             rules[knob] = at_least_1
         extra = []  # what this loss needs beyond the general rules
-        if loss_fn.mismatched_pairs:
-            extra.append(("batch_size", lambda v: v >= 2, f">= 2 ({self.loss}'s mismatched pairs)"))
         if loss_fn.kind == "on_policy":
             extra.append(("samples_per_prompt", lambda v: v >= 2, ">= 2 (leave-one-out)"))
         if loss_fn.samples_policy or self.online:
@@ -170,6 +213,7 @@ class RunConfig:
         for knob, ok, need in [(k, *rule) for k, rule in rules.items()] + extra:
             if not ok(knobs[knob]):
                 raise ValueError(f"{knob} must be {need}, got {knobs[knob]!r}")
+        check_training_args(self.train.training_args)
         if self.online and not loss_fn.needs_reward_model:
             raise ValueError(f"online: {self.loss} uses no reward model to label sampled pairs (set online: false)")
 
@@ -187,8 +231,11 @@ class RunConfig:
             )
 
     def identity(self) -> dict[str, Any]:
-        """The knobs that change the run's result (all but ``NOT_IDENTITY``), as saved beside it."""
-        return {k: v for k, v in self.to_flat().items() if k not in NOT_IDENTITY}
+        """The knobs that change the run's result (all but ``NOT_IDENTITY``, and of ``training_args`` all but
+        ``NOT_IDENTITY_TRAINING_ARGS``; none left: not listed), as saved beside it."""
+        identity = {k: v for k, v in self.to_flat().items() if k not in NOT_IDENTITY}
+        training_args = {k: v for k, v in identity.pop("training_args").items() if k not in NOT_IDENTITY_TRAINING_ARGS}
+        return identity | ({"training_args": training_args} if training_args else {})
 
     def identity_hash(self) -> str:
         """A short hash of ``identity()``: two runs share it only if every knob that changes a result agrees."""

@@ -12,7 +12,7 @@ them and ``run_experiment`` can do the whole thing (``python -m studylib train -
     reference = separate_reference(config, model)  # None under LoRA: the adapters are disabled instead
     policy, history, info = train_policy(config, loss_fn, plan, model, tokenizer, data, reference)
     summary, samples = evaluate_policy(config, policy, tokenizer, data, pool, reference)
-    save_run(config, run_record(...), curves_frame(history), samples)
+    save_run(config, run_record(...), curves_frame(history), samples, policy, tokenizer)
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from studylib.lm.data import (
     tokenize_unpaired,
 )
 from studylib.lm.evaluate import evaluate, write_alpaca_eval_outputs
+from studylib.lm.export import save_trained_model
 from studylib.lm.models import cache_root, load_model
 from studylib.lm.online import train_online
 from studylib.lm.reference import frozen_copy
@@ -344,10 +345,14 @@ def run_record(
     }
 
 
-def save_run(config: RunConfig, record: dict, curves: pd.DataFrame, samples: pd.DataFrame) -> Path:
+def save_run(
+    config: RunConfig, record: dict, curves: pd.DataFrame, samples: pd.DataFrame, policy: nn.Module, tokenizer
+) -> Path:
     """Write the run's results through ``studylib.results`` (atomic, stamped): ``metrics.json``, ``curves.csv``,
-    ``samples.csv``, ``training_curves.png`` and, for hub data sets, AlpacaEval's ``model_outputs.json``."""
+    ``samples.csv``, ``training_curves.png``, for hub data sets AlpacaEval's ``model_outputs.json``, and the
+    trained policy in ``model/`` (adapter or weights, tokenizer, model card: ``studylib.lm.export``)."""
     run_dir = config.run_dir()
+    save_trained_model(policy, tokenizer, record, run_dir / "model")
     stamp = {"params": record["params"], "seed": config.train.seed, "run": config.name()}
     save_json(record, run_dir / "metrics.json", stamp)
     save_table(curves, run_dir / "curves", stamp, markdown=False)
@@ -404,7 +409,7 @@ def run_experiment(config: RunConfig) -> dict:
         curves = curves_frame(history)
         seconds = {"train": train_seconds, "eval": eval_seconds}
         record = run_record(config, loss_fn, data, curves, info, summary, seconds)
-        save_run(config, record, curves, samples)
+        save_run(config, record, curves, samples, policy, tokenizer)
         return record
     finally:
         if main_process:

@@ -36,6 +36,7 @@ import json
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -105,6 +106,12 @@ class OnlineTrainer:
         self.prompt_ids = [list(p) for p in prompt_ids] if prompt_ids else None
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self._check_inputs()
+        if config.training_args:
+            warnings.warn(
+                f"training_args {sorted(config.training_args)} configure transformers' Trainer (the offline "
+                "trainer); the on-policy trainer does not read them",
+                stacklevel=2,
+            )
         self.pad_id = pad_token_id(tokenizer)
         self.policy, self.reference = policy_and_reference(model, config, loss_fn.needs_reference, reference_model)
         self.policy.train()

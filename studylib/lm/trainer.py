@@ -33,14 +33,24 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from studylib.lm.batching import BATCH_KEYS, model_logps, pad_sequences, pad_token_id, score_sequences
-from studylib.lm.config import TrainConfig, record_training_config
+from studylib.lm.config import TrainConfig, check_training_args, record_training_config
 from studylib.lm.reference import Reference, autocast_context, policy_and_reference
 from studylib.losses import Loss
 from studylib.results import write_atomic
 
 
 def training_arguments(config: TrainConfig, output_dir: str | Path) -> TrainingArguments:
-    """transformers' arguments for a run (``warmup_ratio`` as a fraction of the total steps)."""
+    """transformers' arguments for a run (``warmup_ratio`` as a fraction of the total steps), then
+    ``config.training_args`` (any other field: ``report_to``, ``gradient_checkpointing``, ``push_to_hub``, ...)."""
+    check_training_args(config.training_args)
+    defaults = {
+        "save_total_limit": 2,
+        "report_to": "none",
+        "disable_tqdm": False,
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        "use_cpu": config.bf16 and not torch.cuda.is_available(),  # transformers' bf16 check wants it on a CPU
+    }
     return TrainingArguments(
         output_dir=str(output_dir),
         learning_rate=config.learning_rate,
@@ -53,16 +63,11 @@ def training_arguments(config: TrainConfig, output_dir: str | Path) -> TrainingA
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
         save_steps=config.checkpoint_every(),
-        save_total_limit=2,
         seed=config.seed,
         data_seed=config.seed,
         bf16=config.bf16,  # autocast; the frozen weights are bf16 themselves (reference.policy_and_reference)
-        use_cpu=config.bf16 and not torch.cuda.is_available(),  # transformers' bf16 check wants this on a CPU
         remove_unused_columns=False,
-        report_to=[],
-        disable_tqdm=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        **(defaults | config.training_args),
     )
 
 
