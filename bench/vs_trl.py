@@ -11,12 +11,14 @@ frozen base weights in bfloat16 for both (TRL: plus its ``bf16=True`` autocast);
 
 Each case runs in its own process (a clean peak RSS), TRL and ours interleaved (the order alternates from case
 to case); ``--warmup`` steps, then ``--steps`` timed steps (time between the ends of consecutive optimizer
-steps, data loading included). The same run first measures this machine's matmul peak (a 2048^3 GEMM, fp32 and
-bf16). MFU = model FLOPs per step / (median step time x the peak of the case's precision), where model FLOPs
-count the work any implementation must do: 2 N_body FLOPs per token per forward (N_body: parameters of the
-transformer blocks), 2 H V per completion token for the output layer, a backward pass of twice the forward
-(input gradients only: the base is frozen), plus the reference's forward when it runs on the fly and KTO's
-two KL forwards. So MFU ratios equal speed ratios, and MFU says how close a case comes to the hardware.
+steps, data loading included). The same run first measures this machine's matmul peak (the best of square
+GEMMs of sizes 1024-4096, fp32 and bf16). MFU = model FLOPs per step / (median step time x the peak of the
+case's precision), where model FLOPs count the work any implementation must do: 2 N_body FLOPs per token
+per forward (N_body: parameters of the transformer blocks), 2 H V per completion token for the output
+layer, a backward pass costing one forward (input gradients only: the base is frozen; LoRA's own FLOPs are
+negligible), plus the reference's forward when it runs on the fly, and for KTO the policy's forward on the
+mismatched pairs (and the reference's, on the fly). So MFU ratios equal speed ratios,
+and MFU says how close a case comes to the hardware.
 
 Writes ``results/bench/vs_trl.csv`` (one row per case and implementation) and ``results/bench/vs_trl.json``
 (the machine, versions, the matmul peaks, the command).
@@ -63,12 +65,15 @@ def processor_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    """Best GFLOP/s of a size^3 GEMM in ``dtype`` over ``repeats`` runs (after one warm-up)."""
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
-    return 2 * size**3 / best / 1e9
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096), repeats: int = 5) -> float:
+    """Best GFLOP/s of square GEMMs in ``dtype`` over ``sizes`` and ``repeats`` runs each (after a warm-up)."""
+    best = 0.0
+    for size in sizes:
+        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+        torch.mm(a, b)
+        seconds = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))  # noqa: B023 (called here)
+        best = max(best, 2 * size**3 / seconds / 1e9)
+    return best
 
 
 def _timed(fn) -> float:
@@ -163,7 +168,8 @@ def run_case(case: str, impl: str, args: argparse.Namespace) -> dict:
         trainer.train()
     steps = [b - a for a, b in zip(clock.ends[args.warmup - 1 : -1], clock.ends[args.warmup :], strict=True)]
     uses_kl = (loss_name if impl == "ours" else trl_name) == "kto"
-    forwards = 2.0 + (reference == "on_the_fly") + (2.0 if uses_kl else 0.0)
+    on_the_fly = reference == "on_the_fly"
+    forwards = 2.0 + on_the_fly + ((1.0 + on_the_fly) if uses_kl else 0.0)
     return {
         "case": case,
         "loss": loss_name if impl == "ours" else trl_name,

@@ -67,9 +67,11 @@ def policy_and_reference(
     itself and the reference ``reference_model`` (a frozen copy of ``model`` if None). ``needs_reference``
     False (a reference-free loss): no reference at all, and no copy.
 
-    ``config.bf16``: what stays frozen is held in bfloat16 (the base weights under LoRA, the reference model
-    under full fine-tuning); what is trained stays float32 (peft keeps adapters in float32) and runs under bf16
-    autocast (``autocast_context``). Log-probs and losses are accumulated in float32.
+    ``config.bf16``: under LoRA the frozen base is held in bfloat16 and peft keeps the adapters in float32;
+    under full fine-tuning the policy and its reference are float32 (a bf16 checkpoint is cast up: its
+    updates would otherwise round away, and a reference of the policy's own dtype makes T = 0 exactly at the
+    start); either way the forward passes run under bf16 autocast (``autocast_context``). Log-probs and losses
+    are accumulated in float32.
     """
     torch.manual_seed(config.seed)
     if config.use_lora:
@@ -83,10 +85,12 @@ def policy_and_reference(
             dropout=config.lora_dropout,
             target_modules=config.lora_target_modules,
         )
-    elif needs_reference and reference_model is None:
-        reference_model = frozen_copy(model)
-    if reference_model is not None and config.bf16:
-        reference_model = reference_model.to(torch.bfloat16)
+    else:
+        model = model.float()
+        if needs_reference and reference_model is None:
+            reference_model = frozen_copy(model)
+        if reference_model is not None:
+            reference_model = reference_model.float()
     return model, (Reference(model, reference_model) if needs_reference else None)
 
 

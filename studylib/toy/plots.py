@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -11,6 +15,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from studylib.palette import style
+from studylib.toy.shapes import ratio_curves
 
 KL_UNIT = "KL(target || fit) [nats]"
 
@@ -57,6 +62,67 @@ def plot_ratios(curves: pd.DataFrame) -> Figure:
         ax.title.set_fontsize(9)
     fig.tight_layout()
     return fig
+
+
+def ratio_figure(
+    alpha: float, compare_alphas: Sequence[float] = (), p_minus: float = 0.1, p_plus_fixed: float = 0.5
+) -> Figure:
+    """T1's figure (``plot_ratios``) for ``alpha`` and the overlaid ``compare_alphas``: what the slider redraws."""
+    return plot_ratios(ratio_curves(sorted({alpha, *compare_alphas}), p_minus=p_minus, p_plus_fixed=p_plus_fixed))
+
+
+def widget_front_end() -> bool:
+    """Whether this runs in a Jupyter kernel driven by a person's front end (JupyterLab, Notebook, VS Code), whose
+    cells may read input, rather than by papermill or nbconvert (``nbclient`` runs every cell with ``allow_stdin``
+    off)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    kernel = getattr(get_ipython(), "kernel", None)
+    if kernel is None or not hasattr(kernel, "get_parent"):
+        return False
+    return bool(kernel.get_parent("shell").get("content", {}).get("allow_stdin", False))
+
+
+def alpha_slider(
+    alpha: float,
+    compare_alphas: Sequence[float] = (),
+    p_minus: float = 0.1,
+    p_plus_fixed: float = 0.5,
+    interactive: bool | None = None,
+) -> Any:
+    """In Jupyter, a slider over alpha that redraws T1's figure (``ratio_figure``) as it moves; otherwise None.
+
+    ``interactive`` None: a person's front end (``widget_front_end``). Under papermill, or without ipywidgets
+    (``pip install 'studylib[notebooks]'``), nothing is drawn here: the static figure for the parameter's alpha,
+    drawn before, is the one shown. Returns an ``ipywidgets.VBox`` (the slider, then the figure) or None.
+    """
+    if not (widget_front_end() if interactive is None else interactive):
+        return None
+    try:
+        import ipywidgets
+    except ImportError:
+        warnings.warn("the alpha slider needs ipywidgets (pip install ipywidgets): the figure is static", stacklevel=2)
+        return None
+    from IPython.display import display
+
+    slider = ipywidgets.FloatSlider(
+        value=alpha, min=min(0.05, alpha), max=max(0.95, alpha), step=0.05, description="alpha",
+        continuous_update=False, readout_format=".2f",
+    )  # fmt: skip
+    figure = ipywidgets.Output()
+
+    def redraw(change: dict | None = None) -> None:
+        drawn = ratio_figure(slider.value, compare_alphas, p_minus=p_minus, p_plus_fixed=p_plus_fixed)
+        with figure:
+            figure.clear_output(wait=True)
+            display(drawn)
+        plt.close(drawn)
+
+    slider.observe(redraw, names="value")
+    redraw()
+    return ipywidgets.VBox([slider, figure])
 
 
 def plot_loss_shapes(curves: pd.DataFrame, alpha: float) -> Figure:
