@@ -60,10 +60,13 @@ def test_toy_outputs_and_executed_notebooks(smoke):
     pngs = list((results / "toy").glob("*.png"))
     assert len(pngs) >= 4
     executed = results / "notebooks"
-    for name in ("01_density_ratio", "02_consistency", "03_stability", "05_report"):
+    for name in ("01_density_ratio", "02_consistency", "03_stability", "lm_exact", "05_report"):
         assert (executed / f"{name}.ipynb").is_file() and (executed / f"{name}.html").is_file()
     assert not list(executed.glob("*.failed.ipynb"))
     assert "Published numbers beside ours" in (executed / "05_report.html").read_text()
+    assert (results / "lm_exact" / "consistency.csv").is_file() and (
+        results / "report" / "lm_exact_beside_toy.csv"
+    ).is_file()
 
 
 def test_second_run_skips_completed_notebooks(smoke):
@@ -72,7 +75,7 @@ def test_second_run_skips_completed_notebooks(smoke):
     assert again.returncode == 0
     assert "executed 0 notebook(s)" in again.stdout
     summary = json.loads((smoke[0] / "study-smoke.json").read_text())
-    assert len(summary["runs"]) == 20 and all(r["status"] == "complete, skipped" for r in summary["runs"].values())
+    assert len(summary["runs"]) == 21 and all(r["status"] == "complete, skipped" for r in summary["runs"].values())
     assert all(r["seconds"] > 0 and r["commit"] for r in summary["runs"].values())  # kept from the first run
 
 

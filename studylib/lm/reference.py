@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -95,11 +95,18 @@ def policy_and_reference(
 
 
 def autocast_context(model: nn.Module, config: TrainConfig) -> AbstractContextManager:
-    """bf16 autocast for a bf16 run (float32 trained weights, bf16 matmuls); otherwise nothing.
+    """For a bf16 run: bf16 autocast (float32 trained weights, bf16 matmuls), with peft's input casting off;
+    otherwise nothing.
 
-    Without it, peft would run float32 adapters on a float32 copy of every adapted layer's input, and keep
-    that copy for the backward pass (about 0.7 GB more at batch 8 on the 135M model).
+    peft casts each adapted layer's input to the adapter's dtype (float32) before the adapter; under autocast the
+    adapter's matmul then casts it back to bf16. Off, the adapter gets the bf16 input directly: no float32 copy
+    of every adapted layer's input (computed, and kept for the backward pass).
     """
-    enabled = config.bf16
-    device_type = next(model.parameters()).device.type
-    return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else nullcontext()
+    if not config.bf16:
+        return nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    stack = ExitStack()
+    stack.enter_context(torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16))
+    stack.enter_context(disable_input_dtype_casting(unwrap(model)))
+    return stack

@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from studylib.lm.batching import BATCH_KEYS, model_logps, pad_sequences, pad_token_id, score_sequences
+from studylib.lm.batching import BATCH_KEYS, model_logps, pad_sequences, pad_token_id, score_sequences, unwrap
 from studylib.lm.config import TrainConfig, check_training_args, record_training_config
 from studylib.lm.reference import Reference, autocast_context, policy_and_reference
 from studylib.losses import Loss
@@ -144,6 +145,13 @@ class AlignmentTrainer(Trainer):
         self.reference = reference
         self.loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: let Trainer divide by GA
         self._window: dict[str, list[float]] = {}
+
+    def compute_loss_context_manager(self):
+        """The Trainer's (bf16 autocast), plus, in bf16, peft's input casting off (``reference.autocast_context``)."""
+        stack = super().compute_loss_context_manager()
+        if self.args.bf16:
+            stack.enter_context(disable_input_dtype_casting(unwrap(self.model)))
+        return stack
 
     def _logps(self, model, inputs: dict, prefix: str = "") -> torch.Tensor:
         batch = {k: inputs[prefix + k] for k in BATCH_KEYS}

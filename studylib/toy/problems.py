@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import expit, log_softmax
+from scipy.special import expit, log_softmax, logit
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,27 @@ def make_s1(
     a = np.arange(items)
     cycle = np.sin(2 * np.pi * (a[:, None] - a[None, :]) / items)
     pref = expit(score[:, :, None] - score[:, None, :] + cyclic * cycle[None])
+    params = dict(contexts=contexts, items=items, cyclic=cyclic, bt_scale=bt_scale, ref_scale=ref_scale, seed=seed)
+    return TabularProblem("S1", "paired", log_ref, borda_target(pref, log_ref), pref=pref, params=params)
+
+
+def borda_target(pref: np.ndarray, log_ref: np.ndarray) -> np.ndarray:
+    """S1's preferred distribution ``p+ = 2 pi_ref Borda`` (normalised against rounding), shapes as ``borda``."""
     ref = np.exp(log_ref)
     target = 2.0 * ref * borda(pref, ref)
-    params = dict(contexts=contexts, items=items, cyclic=cyclic, bt_scale=bt_scale, ref_scale=ref_scale, seed=seed)
-    return TabularProblem("S1", "paired", log_ref, target / target.sum(1, keepdims=True), pref=pref, params=params)
+    return target / target.sum(1, keepdims=True)
+
+
+def calibrate_q(log_ref: np.ndarray, logits: np.ndarray, preferred_fraction: float) -> np.ndarray:
+    """S2's ``q(x, y) = sigmoid(logits(x, y) + b(x))``, with ``b(x)`` set by bisection so that every context's
+    preferred fraction ``E_ref q`` is ``preferred_fraction`` (it is increasing in ``b``)."""
+    ref = np.exp(log_ref)
+    lo, hi = np.full(len(ref), -50.0), np.full(len(ref), 50.0)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        too_high = (ref * expit(logits + mid[:, None])).sum(1) > preferred_fraction
+        hi, lo = np.where(too_high, mid, hi), np.where(too_high, lo, mid)
+    return expit(logits + ((lo + hi) / 2)[:, None])
 
 
 def make_s2(
@@ -107,13 +124,7 @@ def make_s2(
     rng = np.random.default_rng([2, seed])
     log_ref = log_softmax(_random_logits(rng, (contexts, items), ref_scale), axis=1)
     ref = np.exp(log_ref)
-    u = _random_logits(rng, (contexts, items), q_scale)
-    lo, hi = np.full(contexts, -50.0), np.full(contexts, 50.0)
-    for _ in range(200):  # bisection on the offset b(x): E_ref q is increasing in b
-        mid = (lo + hi) / 2
-        too_high = (ref * expit(u + mid[:, None])).sum(1) > preferred_fraction
-        hi, lo = np.where(too_high, mid, hi), np.where(too_high, lo, mid)
-    q = expit(u + ((lo + hi) / 2)[:, None])
+    q = calibrate_q(log_ref, _random_logits(rng, (contexts, items), q_scale), preferred_fraction)
     target = ref * q / (ref * q).sum(1, keepdims=True)
     params = dict(
         contexts=contexts,
@@ -144,6 +155,28 @@ def make_s3(
 
 
 PROBLEMS = {"S1": make_s1, "S2": make_s2, "S3": make_s3}
+
+
+def on_reference(problem: TabularProblem, log_ref: np.ndarray, groups: Sequence[int]) -> TabularProblem:
+    """The same preferences on another reference: context i of the result has reference ``log_ref[i]`` (C', K) and
+    the preferences of context ``groups[i]`` of ``problem``; its target is rebuilt as the setting defines it.
+
+    S1: ``pref`` taken over, ``p+ = 2 pi_ref Borda`` under the new reference. S2: ``q``'s logits taken over and its
+    offset re-calibrated so that every context's preferred fraction stays the same. S3: ``pref`` and ``pi*`` taken
+    over (the target does not depend on the reference). Used to put the toy's settings on a language model.
+    """
+    groups = np.asarray(groups)
+    log_ref = np.asarray(log_ref, dtype=float)
+    if log_ref.shape != (len(groups), problem.items):
+        raise ValueError(f"log_ref must be (len(groups), {problem.items}), got {log_ref.shape}")
+    params = problem.params | {"on_reference": True}
+    if problem.kind == "unpaired":
+        q = calibrate_q(log_ref, logit(problem.q[groups]), problem.params["preferred_fraction"])
+        target = np.exp(log_ref) * q / (np.exp(log_ref) * q).sum(1, keepdims=True)
+        return TabularProblem(problem.name, "unpaired", log_ref, target, q=q, params=params)
+    pref = problem.pref[groups]
+    target = problem.target[groups] if problem.gamma is not None else borda_target(pref, log_ref)
+    return TabularProblem(problem.name, "paired", log_ref, target, pref=pref, gamma=problem.gamma, params=params)
 
 
 def make_problem(setting: str, **params: object) -> TabularProblem:

@@ -1,0 +1,68 @@
+"""Notebook 06 runs under papermill on the tiny model, writes what it says it writes, and holds its story."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import papermill
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "06_lm_exact.ipynb"
+SMALL = {
+    "model": "tiny",
+    "candidates_path": "data/lm_exact/candidates_tiny.json",
+    "bf16": False,
+    "settings": ["S1", "S2"],
+    "log2_sizes": [8, 9, 11],
+    "seeds": 2,
+    "lr_grid": [0.03],
+    "steps": 12,
+    "floor_steps": 24,
+    "alphas": [0.1, 0.2, 0.3, 0.5, 0.8],
+    "alpha_log2n": 9,
+}
+
+
+def test_notebook_writes_the_tables_and_figures(tmp_path):
+    output = tmp_path / "06.ipynb"
+    papermill.execute_notebook(
+        str(NOTEBOOK), str(output), parameters=SMALL | {"out_dir": str(tmp_path)}, progress_bar=False, log_output=False
+    )
+    table = pd.read_csv(tmp_path / "consistency.csv")
+    assert list(table.columns) == ["setting", "method", "n", "seed", "split", "kl", "floor_kl"]
+    assert set(table["split"]) == {"train", "heldout"} and set(table["setting"]) == {"S1", "S2"}
+    assert sorted(table["n"].unique()) == [256, 512, 2048] and sorted(table["seed"].unique()) == [0, 1]
+    assert (table["kl"] > 0).all() and (table["floor_kl"] > 0).all()
+    assert table.groupby(["setting", "method", "n", "split"]).size().eq(2).all()
+    falls = pd.read_csv(tmp_path / "falls.csv")
+    assert {"DDRO", "RDRO (alpha=1/2)", "DPO (beta=1)", "KTO (beta=1)"} <= set(falls["method"])
+    sweep = pd.read_csv(tmp_path / "alpha_sweep.csv")
+    assert sorted(sweep["alpha"].unique()) == SMALL["alphas"] and len(sweep) == 10
+    curves = pd.read_csv(tmp_path / "curves.csv")
+    assert {"grad_norm", "ratio_max", "guard"} <= set(curves.columns) and (curves["seed"] == 0).all()
+    for name in ("consistency_S1", "consistency_S2", "training_curves", "alpha_sweep"):
+        png = tmp_path / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+        stamp = json.loads(png.with_name(png.name + ".json").read_text())
+        assert stamp["params"]["log2_sizes"] == [8, 9, 11] and stamp["seed"]["data_seeds"] == [0, 1]
+    executed = nbformat.read(output, as_version=4)
+    shown = "\n".join(
+        o["data"]["text/markdown"]
+        for c in executed.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "data" in o and "text/markdown" in o["data"]
+    )
+    assert "- **S1**: DDRO" in shown and "Chosen: **0.03**" in shown
+
+
+def test_notebook_is_stored_clean_and_holds_the_story():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
+    assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "$" in text and "README.md" in text and any(c.source.startswith("## Conclusion") for c in nb.cells)
+    code = [c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])]
+    assert max(c.source.count("\n") + 1 for c in code) <= 15
