@@ -26,7 +26,8 @@ CARD_METRICS = ("win_rate", "approval", "reference_approval", "kl", "length")
 
 def citation(loss: str) -> str:
     """The method and its paper: the first line of the loss's docstring (where every loss names its source)."""
-    return (LOSSES[loss].__doc__ or loss).strip().splitlines()[0]
+    first_line = (LOSSES[loss].__doc__ or loss).strip().splitlines()[0]
+    return first_line.replace("``", "`").rstrip(".")
 
 
 def model_card(record: dict, base_model: str, is_adapter: bool) -> str:
@@ -49,7 +50,7 @@ def model_card(record: dict, base_model: str, is_adapter: bool) -> str:
         "",
         f"# {params['run']}",
         "",
-        f"`{base_model}` aligned with **{params['loss']}** by [studylib](https://github.com/) (`python -m studylib`).",
+        f"`{base_model}` aligned with **{params['loss']}** by studylib (`python -m studylib`).",
         "",
         f"- Method: {citation(params['loss'])}; built as `{record.get('loss_built', params['loss'])}`.",
         f"- Knobs: `{json.dumps(knobs)}`.",
