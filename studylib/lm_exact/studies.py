@@ -86,7 +86,7 @@ def run_study(
         name: 1 / m.knobs["alpha"]
         for name, setting in prepared.settings.items()
         for m in experiment.lm_methods(setting)
-        if m.loss == "rdro" and m.knobs.get("reduction", "per_class") == "per_class"
+        if "alpha" in m.knobs and m.knobs.get("reduction", "per_class") == "per_class"  # RDRO: its target <= 1/alpha
     }
     sweep = pd.concat(sweeps, ignore_index=True) if sweeps else pd.DataFrame()
     falls = story.falls(excess)
