@@ -94,19 +94,25 @@ def policy_and_reference(
     return model, (Reference(model, reference_model) if needs_reference else None)
 
 
-def autocast_context(model: nn.Module, config: TrainConfig) -> AbstractContextManager:
-    """For a bf16 run: bf16 autocast (float32 trained weights, bf16 matmuls), with peft's input casting off;
-    otherwise nothing.
+def adapter_input_casting_off(model: nn.Module) -> AbstractContextManager:
+    """peft's casting of each adapted layer's input to the adapter's dtype, switched off (for use under autocast).
 
     peft casts each adapted layer's input to the adapter's dtype (float32) before the adapter; under autocast the
     adapter's matmul then casts it back to bf16. Off, the adapter gets the bf16 input directly: no float32 copy
     of every adapted layer's input (computed, and kept for the backward pass).
     """
-    if not config.bf16:
-        return nullcontext()
     from peft.helpers import disable_input_dtype_casting
 
+    return disable_input_dtype_casting(unwrap(model))
+
+
+def autocast_context(model: nn.Module, config: TrainConfig) -> AbstractContextManager:
+    """For a bf16 run: bf16 autocast (float32 trained weights, bf16 matmuls) with ``adapter_input_casting_off``;
+    otherwise nothing. (The offline trainer gets the same from ``AlignmentTrainer.compute_loss_context_manager``.)
+    """
+    if not config.bf16:
+        return nullcontext()
     stack = ExitStack()
     stack.enter_context(torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16))
-    stack.enter_context(disable_input_dtype_casting(unwrap(model)))
+    stack.enter_context(adapter_input_casting_off(model))
     return stack

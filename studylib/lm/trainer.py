@@ -27,15 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft.helpers import disable_input_dtype_casting
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from studylib.lm.batching import BATCH_KEYS, model_logps, pad_sequences, pad_token_id, score_sequences, unwrap
+from studylib.lm.batching import BATCH_KEYS, model_logps, pad_sequences, pad_token_id, score_sequences
 from studylib.lm.config import TrainConfig, check_training_args, record_training_config
-from studylib.lm.reference import Reference, autocast_context, policy_and_reference
+from studylib.lm.reference import Reference, adapter_input_casting_off, autocast_context, policy_and_reference
 from studylib.losses import Loss
 from studylib.results import write_atomic
 
@@ -147,10 +146,10 @@ class AlignmentTrainer(Trainer):
         self._window: dict[str, list[float]] = {}
 
     def compute_loss_context_manager(self):
-        """The Trainer's (bf16 autocast), plus, in bf16, peft's input casting off (``reference.autocast_context``)."""
+        """The Trainer's (bf16 autocast), plus, in bf16, ``reference.adapter_input_casting_off``."""
         stack = super().compute_loss_context_manager()
         if self.args.bf16:
-            stack.enter_context(disable_input_dtype_casting(unwrap(self.model)))
+            stack.enter_context(adapter_input_casting_off(self.model))
         return stack
 
     def _logps(self, model, inputs: dict, prefix: str = "") -> torch.Tensor:
