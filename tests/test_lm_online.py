@@ -103,10 +103,19 @@ def test_lora_reference_is_the_base_model(tokenizer):
 
 def test_reverse_kl_raises_the_reward(tokenizer):
     knobs = {"max_steps": 20, "prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 4}
+    knobs |= {"lr_scheduler_type": "constant", "warmup_ratio": 0.0}  # the objective, not the schedule, under test
     _, history = run(tiny_model(tokenizer, seed=0), tokenizer, learning_rate=3e-3, **knobs)
     rewards = [e["rewards/mean"] for e in history]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.1, f"mean reward {first:.3f} -> {last:.3f}"
+
+
+def test_learning_rate_follows_the_offline_trainers_schedule(tokenizer):
+    """Warm-up for ceil(warmup_ratio * steps) steps, then cosine decay: transformers' schedule, as the offline
+    Trainer uses it (the rate logged at a step is the one that step used)."""
+    _, history = run(tiny_model(tokenizer), tokenizer, max_steps=5, warmup_ratio=0.2, learning_rate=1e-2)
+    expected = [0.0] + [1e-2 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert [e["learning_rate"] for e in history] == pytest.approx(expected)
 
 
 def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, tokenizer):

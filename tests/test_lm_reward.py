@@ -133,3 +133,36 @@ def test_bad_rows_fail_clearly(tokenizer):
         train_reward_model(tiny_model(tokenizer), tokenizer, rows)
     with pytest.raises(ValueError, match="no training pairs"):
         train_reward_model(tiny_model(tokenizer), tokenizer, [])
+
+
+def test_reward_model_scores_what_it_was_fit_on(tmp_path):
+    """The reward model is fit on the offline set's pairs and scores the policy's on-policy samples: both must be
+    the sampler's raw ids under one length cap (EOS only where generated). A config that gives them different caps
+    is refused, naming both knobs; and the on-policy trainer hands the reward function the sampler's ids as they
+    came (each one either ended by the model's EOS or cut at the cap, never re-encoded)."""
+    from studylib.lm.config import RunConfig
+
+    with pytest.raises(ValueError, match=r"max_new_tokens \(48\) must equal data_max_new_tokens \(32\)"):
+        RunConfig.from_flat({"loss": "rlhf", "max_new_tokens": 48, "data_max_new_tokens": 32})
+    RunConfig.from_flat({"loss": "rlhf", "max_new_tokens": 32, "data_max_new_tokens": 32})
+    RunConfig.from_flat({"loss": "dpo", "max_new_tokens": 48, "data_max_new_tokens": 32})  # no reward model
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    eos_bonus = torch.zeros(len(tokenizer))
+    eos_bonus[tokenizer.eos_token_id] = 3.0  # some samples end early, others run to the cap
+    model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + eos_bonus)
+    scored: list[list[int]] = []
+
+    def reward_fn(prompts, completions):
+        scored.extend(completions)
+        return torch.tensor([len(c) / 6.0 for c in completions])
+
+    prompts = [tokenizer.encode(f"Say {w}.", add_special_tokens=False) for w in ("hi", "yo", "ok", "no")]
+    cfg = TrainConfig(max_steps=2, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=6, use_lora=False)
+    train_online(model, tokenizer, get_loss("rlhf"), cfg, prompt_ids=prompts, reward_fn=reward_fn)
+    eos = tokenizer.eos_token_id
+    finished = [c for c in scored if c[-1] == eos]
+    cut = [c for c in scored if c[-1] != eos]
+    assert len(scored) == 16 and finished and cut
+    assert all(eos not in c[:-1] for c in finished) and all(len(c) == 6 and eos not in c for c in cut)

@@ -64,14 +64,14 @@ def test_one_file_is_split_into_disjoint_prompts(tiny_run, tmp_path):
     single = tmp_path / "ufb.jsonl"
     single.write_text("\n".join(rows + rows) + "\n")  # every row twice
     config = tiny_run(dataset_path=str(single), eval_prompts=50)
-    with pytest.warns(UserWarning, match="19 duplicate training rows"):
+    with pytest.warns(UserWarning, match="18 duplicate training rows"):
         data = load_preferences(config, None, None, AnnotatorPool(seed=0))
     train = {prompt_key(p) for p in data.paired["prompt"]}
     held = {prompt_key(p) for p in data.eval_prompts}
     assert held and train and not train & held
-    assert len(train) == 19 and len(held) == round(0.2 * 24) == 5
+    assert len(train) == 18 and len(held) == round(0.25 * 24) == 6
     assert data.description["split"] == "one file, held out by prompt" and data.description["split_seed"] == 0
-    assert data.description["duplicate_rows"] == 19 and data.description["eval_prompts_seen_in_training"] == 0
+    assert data.description["duplicate_rows"] == 18 and data.description["eval_prompts_seen_in_training"] == 0
     other_seed = load_preferences(tiny_run(dataset_path=str(single), data_seed=1), None, None, AnnotatorPool(0))
     assert {prompt_key(p) for p in other_seed.eval_prompts} != held  # the split is drawn with data_seed
 

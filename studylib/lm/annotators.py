@@ -10,8 +10,18 @@ Each annotator judges one property of a completion, with its own parameters draw
 
 Judgments are deterministic per annotator: annotator ``j`` prefers ``a`` to ``b`` when
 ``s_j(a) > s_j(b) + tol`` (within ``tol``: half a vote each). The pool's ``prefer(x, a, b)`` is the fraction
-of annotators preferring ``a``. ``approve(x, y)`` is the fraction of annotators whose score clears their
-own threshold (a probability; draw Bernoulli labels from it).
+of annotators preferring ``a``. ``approve(x, y)`` is the probability that ``y`` is labelled preferred, by the
+pool's ``label_rule``:
+
+- ``"majority"`` (the default): 1 when more than half of the annotators' scores clear their thresholds, 0 when
+  fewer than half do (1/2 on a tie). Labels are then a deterministic function of the text, so the exact target
+  ``p+(y|x) ∝ pi_ref(y|x) approve(x, y)`` is ``pi_ref`` restricted to the approved completions: far from
+  ``pi_ref`` whenever the reference's samples straddle the thresholds (``target_distance`` measures it).
+- ``"fraction"``: the fraction of annotators approving (a label is one random annotator's verdict). Softer:
+  with independent annotators most completions get 1/3 or 2/3 and the target stays near the reference.
+
+The default pool is one annotator per property the reference's samples vary in: positive tone (VADER), the
+prompt's content words, and brevity (a target of 12-18 words, where SmolLM2's 32-token samples run about 26).
 
 **Why this is not Bradley-Terry.** BT says ``P(a > b) = sigmoid(r(a) - r(b))`` for one scalar reward ``r``,
 which forces stochastic transitivity: ``P(a>b) > 1/2`` and ``P(b>c) > 1/2`` imply ``P(a>c) > 1/2``. A
@@ -32,13 +42,16 @@ from functools import lru_cache
 import numpy as np
 from scipy.optimize import minimize
 
-POOL_VERSION = 1
+POOL_VERSION = 2
 KINDS = ("sentiment", "brevity", "on_topic", "diversity")
+DEFAULT_KINDS = ("sentiment", "on_topic", "brevity")
+LABEL_RULES = ("majority", "fraction")
 # Approval thresholds per kind (an annotator's own threshold is this plus seeded jitter). Calibrated on
-# SmolLM2-135M-Instruct samples (48 new tokens, temperature 1): the default pool approves about 40% of
-# them, near UF-G's 39% preferred fraction, so the unpaired data are imbalanced like the paper's.
-BASE_THRESHOLDS = {"sentiment": 0.8, "brevity": 0.75, "on_topic": 0.5, "diversity": 0.87}
-TARGET_WORDS = (12.0, 40.0)  # brevity annotators' target word counts are drawn uniformly from this range
+# SmolLM2-135M-Instruct samples (32 new tokens, temperature 1): the default pool's annotators approve about
+# 32% (sentiment), 37% (on topic) and 46% (brevity) of them, and its majority about 30%, near UF-G's 39%
+# preferred fraction, so the unpaired data are imbalanced like the paper's.
+BASE_THRESHOLDS = {"sentiment": 0.8, "brevity": 0.6, "on_topic": 0.5, "diversity": 0.87}
+TARGET_WORDS = (12.0, 18.0)  # brevity annotators' target word counts are drawn uniformly from this range
 
 _WORD = re.compile(r"[a-z0-9']+")
 _STOPWORDS = frozenset(
@@ -118,24 +131,28 @@ class AnnotatorPool:
 
     ``kinds`` are cycled to ``n_annotators`` annotators; each draws its brevity target from
     ``TARGET_WORDS`` and its threshold as ``BASE_THRESHOLDS[kind] + U(-jitter, jitter)``. Pass
-    ``annotators`` to set them explicitly (``seed`` is then only recorded). Same seed, same pool.
+    ``annotators`` to set them explicitly (``seed`` is then only recorded). ``label_rule``: how ``approve``
+    turns the annotators' verdicts into a label probability (module docstring). Same seed, same pool.
     """
 
     def __init__(
         self,
         seed: int = 0,
-        n_annotators: int = 8,
-        kinds: Sequence[str] = KINDS,
+        n_annotators: int = 3,
+        kinds: Sequence[str] = DEFAULT_KINDS,
         tol: float = 0.02,
-        jitter: float = 0.05,
+        jitter: float = 0.02,
         annotators: Sequence[Annotator] | None = None,
+        label_rule: str = "majority",
     ) -> None:
         unknown = [k for k in kinds if k not in KINDS]
         if unknown or not kinds:
             raise ValueError(f"unknown annotator kinds {unknown}; known: {KINDS}")
         if n_annotators < 1 or tol < 0:
             raise ValueError(f"need n_annotators >= 1 and tol >= 0, got {n_annotators} and {tol}")
-        self.seed, self.tol = seed, tol
+        if label_rule not in LABEL_RULES:
+            raise ValueError(f"label_rule must be one of {LABEL_RULES}, got {label_rule!r}")
+        self.seed, self.tol, self.label_rule = seed, tol, label_rule
         if annotators is None:
             rng = np.random.default_rng(seed)
             annotators = []
@@ -157,6 +174,7 @@ class AnnotatorPool:
             "version": POOL_VERSION,
             "seed": self.seed,
             "tol": self.tol,
+            "label_rule": self.label_rule,
             "annotators": [asdict(a) for a in self.annotators],
         }
 
@@ -176,15 +194,18 @@ class AnnotatorPool:
         return float(votes.mean())
 
     def approve_scores(self, scores: np.ndarray) -> float:
-        """Fraction of annotators whose score clears their threshold."""
-        return float((np.asarray(scores) >= self.thresholds).mean())
+        """The label probability from per-annotator scores, by ``label_rule`` (module docstring)."""
+        approving = float((np.asarray(scores) >= self.thresholds).mean())
+        if self.label_rule == "fraction":
+            return approving
+        return 1.0 if approving > 0.5 else 0.0 if approving < 0.5 else 0.5
 
     def prefer(self, prompt: str, a: str, b: str) -> float:
         """Probability that ``a`` beats ``b`` for ``prompt``: the fraction of annotators preferring it, ties half."""
         return self.prefer_scores(self.scores(prompt, a), self.scores(prompt, b))
 
     def approve(self, prompt: str, completion: str) -> float:
-        """Probability that ``completion`` is labelled preferred: the fraction of annotators approving it."""
+        """Probability that ``completion`` is labelled preferred (``label_rule``)."""
         return self.approve_scores(self.scores(prompt, completion))
 
     def preference_matrix(self, prompt: str, completions: Sequence[str]) -> np.ndarray:

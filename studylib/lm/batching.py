@@ -1,4 +1,13 @@
-"""Token rows to padded tensors, and sequence log-probs of those tensors under a model."""
+"""Token rows to padded tensors, sequence log-probs of those tensors under a model, and batches split over processes.
+
+**Several processes** (``accelerate launch``): each process holds a part of a batch. ``gather_rows`` gives every
+process the whole batch's per-row values (log-probs, labels, rewards), its own rows keeping their gradient, so
+each computes the one-process loss of the whole batch, and every batch statistic in it (KTO's ``z0``, BCO's
+running mean, RLOO's group means, a class fraction, the logged metrics) is a sum over all the rows divided by
+their total count, never a mean of per-process means. The gradient of that loss through one process's rows is
+that process's share of the whole batch's gradient: the shares add up (``sum_gradients``; under a wrapper that
+averages them, ``scale_for_averaged_gradients``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,7 @@ import inspect
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -137,3 +147,84 @@ def score_sequences(
         out.append(model_logps(model, {k: v.to(device) for k, v in batch.items()}, average).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def process_group() -> tuple[int, int]:
+    """``(rank, number of processes)`` of the default ``torch.distributed`` group; ``(0, 1)`` when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def process_share(n_rows: int) -> slice:
+    """This process's rows of a batch of ``n_rows`` that every process holds whole: contiguous, in rank order,
+    sizes differing by at most one (``gather_rows`` puts the whole batch back together in that order)."""
+    rank, processes = process_group()
+    return slice(rank * n_rows // processes, (rank + 1) * n_rows // processes)
+
+
+def gather_rows(*local: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The whole batch on every process: each tensor's rows from every process, concatenated in rank order.
+
+    The tensors of one call have one number of rows, which may differ between processes, zero included. This
+    process's rows are its own tensors, gradients and all; the other processes' rows arrive detached. None stays
+    None (the same arguments must be None on every process). One process: the tensors themselves, untouched.
+    """
+    rank, processes = process_group()
+    present = [t for t in local if t is not None]
+    if processes == 1 or not present:
+        return local
+    n_rows = present[0].shape[0]
+    if any(t.shape[0] != n_rows for t in present):
+        raise ValueError(f"gather_rows: tensors of one call need one number of rows, got {[len(t) for t in present]}")
+    device = present[0].device
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(processes)]
+    dist.all_gather(sizes, torch.tensor([n_rows], device=device))
+    sizes = [int(size) for size in sizes]
+    width = max(sizes)
+    out = []
+    for tensor in local:
+        if tensor is None:
+            out.append(None)
+            continue
+        payload = tensor.detach().to(torch.uint8) if tensor.dtype == torch.bool else tensor.detach()
+        padded = payload.new_zeros((width, *payload.shape[1:]))  # all_gather needs one shape everywhere
+        padded[:n_rows] = payload
+        parts = [torch.empty_like(padded) for _ in range(processes)]
+        dist.all_gather(parts, padded.contiguous())
+        pieces = [part[:size].to(tensor.dtype) for part, size in zip(parts, sizes, strict=True)]
+        pieces[rank] = tensor
+        out.append(torch.cat(pieces))
+    return tuple(out)
+
+
+def sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
+    """Add up the processes' gradients of ``params`` in place (one all-reduce); nothing on one process.
+
+    For a loss of the whole batch (``gather_rows``), each process's gradient flows through its own rows only; the
+    sum is the whole batch's gradient, the same on every process. A parameter without a gradient counts as zeros.
+    """
+    _, processes = process_group()
+    if processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+
+
+def scale_for_averaged_gradients(loss: Tensor) -> Tensor:
+    """``loss`` with the same value and its gradient multiplied by the number of processes.
+
+    Each process's loss is the whole batch's (``gather_rows``), with gradients through its own rows; the whole
+    batch's gradient is the *sum* of the processes' gradients, and a distributed wrapper (DDP, FSDP, DeepSpeed)
+    *averages* them. Scaling each by the number of processes makes that average the sum; the value, which the
+    ``Trainer`` logs as a mean over processes, stays the whole batch's loss. One process: ``loss`` itself.
+    """
+    _, processes = process_group()
+    if processes == 1:
+        return loss
+    return loss.detach() + processes * (loss - loss.detach())

@@ -31,13 +31,16 @@ class DataConfig:
     dataset: str = "offline"  # offline | ufg | mix14k | ufb
     dataset_path: str | None = None  # local files in the hub schema instead of the hub (a folder: its splits)
     eval_dataset_path: str | None = None  # evaluation prompts from this file; None and a single-file dataset_path:
-    eval_fraction: float = 0.2  # ... this fraction of its distinct prompts is held out (drawn with data_seed)
+    eval_fraction: float = 0.25  # ... this fraction of its distinct prompts is held out (drawn with data_seed);
+    # the offline set: the last eval_fraction of its prompts are the test prompts, the validation_fraction before
+    # them the validation prompts (the pilot's: studies/pilot.yaml), the rest the training prompts
+    validation_fraction: float = 0.125
     max_length: int = 192
     max_prompt_length: int = 96
     max_train_rows: int | None = None  # cap on hub data-set rows
-    n_prompts: int = 200  # offline set: prompts of data/prompts.jsonl (20% held out for evaluation)
+    n_prompts: int = 256  # offline set: prompts of data/prompts.jsonl (test and validation held out)
     completions_per_prompt: int = 4
-    data_max_new_tokens: int = 48
+    data_max_new_tokens: int = 32
     data_seed: int = 0  # sampling and labels of the offline set, and the reward model's fit
 
 
@@ -50,7 +53,7 @@ class TrainConfig:
     num_train_epochs: float = 1.0
     batch_size: int = 8  # rows per micro-batch (offline)
     gradient_accumulation_steps: int = 1
-    lr_scheduler_type: str = "cosine"  # offline trainer; the on-policy trainer keeps the rate constant
+    lr_scheduler_type: str = "cosine"  # both trainers (transformers' schedules), warmup_ratio of the steps first
     warmup_ratio: float = 0.1
     max_grad_norm: float = 10.0
     seed: int = 0
@@ -69,7 +72,7 @@ class TrainConfig:
     # on-policy sampling (reverse_kl, rlhf, online distill, the KL term of pmle / distill)
     prompts_per_step: int = 4  # prompts (or data-set pairs) per on-policy step
     samples_per_prompt: int = 4  # k for reverse_kl / rlhf (>= 2); KL samples per pair's prompt
-    max_new_tokens: int = 48  # length cap of the policy's samples during training
+    max_new_tokens: int = 32  # length cap of the policy's samples in training (a reward model: the data's cap)
     generation_batch_size: int = 16
     reward_epochs: float = 1.0  # the reward model's training epochs (losses that need one)
     # any other transformers.TrainingArguments field for the offline trainer (report_to, gradient_checkpointing,
@@ -87,8 +90,10 @@ class TrainConfig:
 class EvalConfig:
     """Held-out evaluation: samples from policy and reference, judged by the annotator pool."""
 
-    eval_prompts: int = 32
-    eval_max_new_tokens: int = 48
+    eval_prompts: int = 64  # at most this many held-out prompts
+    eval_samples_per_prompt: int = 2  # samples from the policy and from the reference per prompt
+    eval_max_new_tokens: int = 32
+    eval_split: str = "test"  # offline set: "test", or "validation" (choosing knobs: studies/pilot.yaml)
 
 
 # TrainingArguments fields set by a knob of TrainConfig (knob named), or fixed by the trainer (None)
@@ -196,12 +201,21 @@ class RunConfig:
             "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
             "max_grad_norm": (lambda v: v > 0, "> 0"),
             "eval_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+            "validation_fraction": (lambda v: 0 <= v < 1 - knobs["eval_fraction"], "in [0, 1 - eval_fraction)"),
+            "eval_split": (lambda v: v in ("test", "validation"), "'test' or 'validation'"),
             "max_prompt_length": (lambda v: 1 <= v < knobs["max_length"], "in [1, max_length)"),
             "eval_prompts": (lambda v: v >= 1, ">= 1 (the run is evaluated on them)"),
             "n_prompts": at_least_2,
             "completions_per_prompt": at_least_2,
         }
-        for knob in ("batch_size", "gradient_accumulation_steps", "lora_r", "prompts_per_step", "samples_per_prompt"):
+        for knob in (
+            "batch_size",
+            "gradient_accumulation_steps",
+            "lora_r",
+            "prompts_per_step",
+            "samples_per_prompt",
+            "eval_samples_per_prompt",
+        ):
             rules[knob] = at_least_1
         for knob in ("max_new_tokens", "eval_max_new_tokens", "data_max_new_tokens"):
             rules[knob] = at_least_1
@@ -214,6 +228,16 @@ class RunConfig:
             if not ok(knobs[knob]):
                 raise ValueError(f"{knob} must be {need}, got {knobs[knob]!r}")
         check_training_args(self.train.training_args)
+        if self.data.dataset != "offline" and self.eval.eval_split != "test":
+            raise ValueError(f"eval_split: {self.eval.eval_split!r} exists for the offline set only")
+        reward_scores_samples = loss_fn.needs_reward_model and (loss_fn.kind == "on_policy" or self.online)
+        if reward_scores_samples and self.data.dataset == "offline":
+            if self.train.max_new_tokens != self.data.data_max_new_tokens:
+                raise ValueError(
+                    f"max_new_tokens ({self.train.max_new_tokens}) must equal data_max_new_tokens "
+                    f"({self.data.data_max_new_tokens}): the reward model is fit on the data's samples and scores the "
+                    "policy's, so both need the same length cap"
+                )
         if self.online and not loss_fn.needs_reward_model:
             raise ValueError(f"online: {self.loss} uses no reward model to label sampled pairs (set online: false)")
 

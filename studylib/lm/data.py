@@ -247,6 +247,19 @@ def encode_completion(tokenizer: PreTrainedTokenizerBase, completion: str) -> li
     return [*tokenizer(completion, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
 
 
+def completion_tokens(tokenizer: PreTrainedTokenizerBase, row: dict, column: str) -> list[int]:
+    """A completion's token ids: the row's ``<column>_ids`` as they are when it has them (the offline set keeps
+    each sample's ids as the model produced them, EOS only where the model produced it), else the text in
+    ``column`` encoded with EOS appended (``encode_completion``: hub data sets hold finished texts)."""
+    ids = row.get(f"{column}_ids")
+    if ids is None:
+        return encode_completion(tokenizer, row[column])
+    ids = [int(i) for i in ids]
+    if not [i for i in ids if i != tokenizer.eos_token_id]:
+        raise ValueError(f"empty completion in column {column}_ids {ids!r}: it needs a token besides EOS")
+    return ids
+
+
 def truncate(
     prompt_ids: list[int], completion_ids: list[int], max_length: int, max_prompt_length: int
 ) -> tuple[list[int], list[int], bool]:
@@ -282,13 +295,14 @@ def tokenize_unpaired(
 ) -> tuple[list[dict], dict]:
     """Rows ``{prompt_ids, completion_ids, label}`` for a canonical unpaired data set, and counts to report.
 
+    Completions: the data set's ``completion_ids`` where it has them, else its texts (``completion_tokens``).
     Counts: ``rows``, ``positives``, ``truncated_prompts``, ``truncated_completions``.
     """
     _need_columns(ds, ("prompt", "completion", "label"), "unpaired data set")
     encode = _prompt_encoder(tokenizer)
     rows, counts = [], {"rows": 0, "positives": 0, "truncated_prompts": 0, "truncated_completions": 0}
     for row in ds:
-        prompt, completion = encode(row["prompt"]), encode_completion(tokenizer, row["completion"])
+        prompt, completion = encode(row["prompt"]), completion_tokens(tokenizer, row, "completion")
         p, c, _ = truncate(prompt, completion, max_length, max_prompt_length)
         counts["truncated_prompts"] += len(p) < len(prompt)
         counts["truncated_completions"] += len(c) < len(completion)
@@ -303,7 +317,8 @@ def tokenize_paired(
 ) -> tuple[list[dict], dict]:
     """Rows ``{prompt_ids, chosen_ids, rejected_ids}`` for a canonical paired data set, and counts to report.
 
-    Both completions share one prompt, truncated as ``truncate`` would for the longer completion.
+    Both completions share one prompt, truncated as ``truncate`` would for the longer completion; completions
+    from ``chosen_ids``/``rejected_ids`` where the data set has them (``completion_tokens``).
     Counts: ``rows``, ``truncated_prompts``, ``truncated_completions`` (chosen and rejected both counted).
     """
     _need_columns(ds, ("prompt", "chosen", "rejected"), "paired data set")
@@ -311,7 +326,7 @@ def tokenize_paired(
     rows, counts = [], {"rows": 0, "truncated_prompts": 0, "truncated_completions": 0}
     for row in ds:
         prompt = encode(row["prompt"])
-        chosen, rejected = encode_completion(tokenizer, row["chosen"]), encode_completion(tokenizer, row["rejected"])
+        chosen, rejected = completion_tokens(tokenizer, row, "chosen"), completion_tokens(tokenizer, row, "rejected")
         p, _, _ = truncate(prompt, max(chosen, rejected, key=len), max_length, max_prompt_length)
         ch, rj = chosen[: max_length - len(p)], rejected[: max_length - len(p)]
         counts["rows"] += 1

@@ -1,25 +1,35 @@
 """Evaluate a policy against its reference: samples, win rate, approval, KL, length, diversity.
 
-Both models sample completions for the same held-out prompts at temperature 1 (``studylib.lm.sampling``,
-so the samples come from the models themselves and the KL estimate is unbiased). The annotator pool judges
-each policy completion against the reference's completion for the same prompt (ties count half): the
-offline stand-in for AlpacaEval's win rate. ``KL(pi || pi_ref)`` is estimated as the mean of
+Both models sample completions for the same held-out prompts at temperature 1 (``studylib.lm.sampling``, so the
+samples come from the models themselves and the KL estimate is unbiased): ``samples_per_prompt`` from each.
+The annotator pool judges every policy sample against every reference sample of its prompt (ties count half):
+the offline stand-in for AlpacaEval's win rate. ``KL(pi || pi_ref)`` is estimated as the mean of
 ``log pi(y|x) - log pi_ref(y|x)`` over the policy's samples.
+
+Seeds: the policy's and the reference's samples use independent seeds drawn from the run's seed
+(``evaluation_seeds``, recorded in the summary). The reference's samples depend only on the reference model,
+the prompts and that seed, so every method of a seed is judged against the same ones (cached on disk:
+``reference_samples``); a difference between two methods of a seed is then paired prompt by prompt.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
+import torch
 
-from studylib.lm.batching import pad_token_id, score_sequences
+from studylib.lm.batching import pad_token_id, score_sequences, unwrap
+from studylib.lm.models import cache_root
 from studylib.lm.reference import Reference
-from studylib.lm.sampling import sample_completions
-from studylib.results import save_json
+from studylib.lm.sampling import ended_with_eos, sample_completions
+from studylib.lm.stats import bootstrap_interval
+from studylib.results import save_json, write_atomic
 
 Messages = list[dict[str, str]]
 
@@ -53,18 +63,75 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def summarise(samples: pd.DataFrame) -> dict[str, float]:
-    """The evaluation's numbers from its per-prompt table."""
-    return {
-        "win_rate": float(samples["win"].mean()),
-        "approval": float(samples["approved"].mean()),
-        "reference_approval": float(samples["reference_approved"].mean()),
-        "kl": float(samples["logratio"].mean()),
+def evaluation_seeds(seed: int) -> tuple[int, int]:
+    """``(policy_seed, reference_seed)``: independent sampling seeds derived from a run's seed (not ``s`` and
+    ``s + 1``, which would couple one seed's policy samples to the next seed's reference samples)."""
+    policy, reference = (int(np.random.SeedSequence([seed, k]).generate_state(1)[0]) for k in (1, 2))
+    return policy, reference
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's weights (LoRA adapters left out: under LoRA the reference is the base)."""
+    sums = [
+        f"{name}:{tuple(p.shape)}:{p.dtype}:{p.detach().double().sum().item():.12e}"
+        for name, p in unwrap(model).named_parameters()
+        if "lora_" not in name
+    ]
+    return hashlib.sha256("\n".join(sums).encode()).hexdigest()[:16]
+
+
+def reference_samples(
+    reference_model: torch.nn.Module,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int,
+    cache: bool = True,
+) -> list[list[int]]:
+    """``samples_per_prompt`` reference samples per prompt (prompt-major), cached under a hash of the reference's
+    weights, the prompts, the knobs and the seed: every method of a seed gets the same ones."""
+    expanded = [list(p) for p in prompt_ids for _ in range(samples_per_prompt)]
+    key = hashlib.sha256(
+        json.dumps([model_fingerprint(reference_model), expanded, max_new_tokens, seed, batch_size]).encode()
+    ).hexdigest()[:16]
+    path = cache_root() / "reference_samples" / f"{key}.json"
+    if cache and path.is_file():
+        return json.loads(path.read_text())
+    samples = sample_completions(
+        reference_model,
+        tokenizer,
+        expanded,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        desc="reference samples",
+    )
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(samples))
+    return samples
+
+
+def summarise(samples: pd.DataFrame, seed: int = 0) -> dict[str, float]:
+    """The evaluation's numbers from its per-sample table, with 95% bootstrap intervals over prompts for the win
+    rate, the approval and the KL (``studylib.lm.stats``)."""
+    per_prompt = samples.groupby("prompt_index")[["win", "approved", "logratio"]].mean()
+    out: dict[str, float] = {}
+    for name, column in (("win_rate", "win"), ("approval", "approved"), ("kl", "logratio")):
+        estimate, low, high = bootstrap_interval(per_prompt[column].to_numpy(), seed=seed)
+        out |= {name: estimate, f"{name}_low": low, f"{name}_high": high}
+    return out | {
+        "reference_approval": float(samples.groupby("prompt_index")["reference_approved"].mean().mean()),
         "length": float(samples["length"].mean()),
         "reference_length": float(samples["reference_length"].mean()),
+        "finished": float(samples["finished"].mean()),
         "distinct_1": distinct_n(samples["completion"].tolist(), 1),
         "distinct_2": distinct_n(samples["completion"].tolist(), 2),
-        "n_prompts": int(len(samples)),
+        "n_prompts": int(samples["prompt_index"].nunique()),
+        "samples_per_prompt": int(samples.groupby("prompt_index").size().min()),
     }
 
 
@@ -75,49 +142,64 @@ def evaluate(
     judge: Judge,
     *,
     reference=None,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = 32,
     seed: int = 0,
-    batch_size: int = 8,
+    samples_per_prompt: int = 2,
+    batch_size: int = 16,
+    cache_reference_samples: bool = True,
 ) -> tuple[dict[str, float], pd.DataFrame]:
     """Sample from ``policy`` and its reference on ``prompts``; judge, score and summarise.
 
     ``reference``: a separate reference model, or None for a PEFT policy (its adapters disabled; see
-    ``studylib.lm.reference``).
-    Returns the summary and a per-prompt table (prompt, both completions, judgments, log-ratio, lengths).
+    ``studylib.lm.reference``). Returns the summary (with the sampling seeds) and a table with one row per policy
+    sample: its prompt, the sample, its win against the prompt's reference samples, approval, log-ratio, length.
     """
     if not prompts:
         raise ValueError("no evaluation prompts")
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
     ref = Reference(policy, reference)
-    pad_id = pad_token_id(tokenizer)
+    pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
+    policy_seed, reference_seed = evaluation_seeds(seed)
     prompt_ids = encode_prompts(tokenizer, prompts)
+    m = samples_per_prompt
+    expanded = [p for p in prompt_ids for _ in range(m)]
     knobs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
-    policy_ids = sample_completions(policy, tokenizer, prompt_ids, seed=seed, desc="policy samples", **knobs)
+    policy_ids = sample_completions(policy, tokenizer, expanded, seed=policy_seed, desc="policy samples", **knobs)
     with ref.active() as reference_model:
-        reference_ids = sample_completions(
-            reference_model, tokenizer, prompt_ids, seed=seed + 1, desc="reference samples", **knobs
-        )
-        reference_logps = score_sequences(reference_model, prompt_ids, policy_ids, pad_id, batch_size)
-    policy_logps = score_sequences(policy, prompt_ids, policy_ids, pad_id, batch_size)
+        reference_ids = reference_samples(
+            reference_model, tokenizer, prompt_ids, samples_per_prompt=m, seed=reference_seed,
+            cache=cache_reference_samples, **knobs,
+        )  # fmt: skip
+        reference_logps = score_sequences(reference_model, expanded, policy_ids, pad_id, batch_size)
+    policy_logps = score_sequences(policy, expanded, policy_ids, pad_id, batch_size)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     rows = []
-    for i, messages in enumerate(prompts):
+    for p, messages in enumerate(prompts):
         text = prompt_text(messages)
-        completion = tokenizer.decode(policy_ids[i], skip_special_tokens=True)
-        reference_completion = tokenizer.decode(reference_ids[i], skip_special_tokens=True)
-        rows.append(
-            {
-                "prompt": text,
-                "completion": completion,
-                "reference_completion": reference_completion,
-                "win": float(judge.prefer(text, completion, reference_completion)),
-                "approved": float(judge.approve(text, completion)),
-                "reference_approved": float(judge.approve(text, reference_completion)),
-                "logratio": float(policy_logps[i] - reference_logps[i]),
-                "length": len(policy_ids[i]),
-                "reference_length": len(reference_ids[i]),
-            }
-        )
+        references = [decode(ids) for ids in reference_ids[p * m : (p + 1) * m]]
+        for i in range(m):
+            k = p * m + i
+            completion = decode(policy_ids[k])
+            rows.append(
+                {
+                    "prompt_index": p,
+                    "prompt": text,
+                    "sample": i,
+                    "completion": completion,
+                    "reference_completion": references[i],
+                    "win": float(np.mean([judge.prefer(text, completion, r) for r in references])),
+                    "approved": float(judge.approve(text, completion)),
+                    "reference_approved": float(judge.approve(text, references[i])),
+                    "logratio": float(policy_logps[k] - reference_logps[k]),
+                    "length": len(policy_ids[k]),
+                    "reference_length": len(reference_ids[k]),
+                    "finished": ended_with_eos(policy_ids[k], eos_id),
+                }
+            )
     samples = pd.DataFrame(rows)
-    return summarise(samples), samples
+    summary = summarise(samples, seed) | {"policy_sample_seed": policy_seed, "reference_sample_seed": reference_seed}
+    return summary, samples
 
 
 def write_alpaca_eval_outputs(

@@ -126,10 +126,22 @@ def load_preferences(config: RunConfig, model, tokenizer, pool: AnnotatorPool) -
             completions_per_prompt=data.completions_per_prompt,
             max_new_tokens=data.data_max_new_tokens,
             seed=data.data_seed,
+            eval_fraction=data.eval_fraction,
+            validation_fraction=data.validation_fraction,
             pool=pool,
+            # a LoRA run in bf16 holds its frozen base, pi_ref, in bf16: sample the data from that model
+            sample_dtype="bfloat16" if config.train.bf16 and config.train.use_lora else None,
         )
-        eval_prompts = offline.eval_prompts[: config.eval.eval_prompts]
-        description = {"source": "offline", **offline.stats, "preferred_fraction": offline.preferred_fraction}
+        split = offline.eval_prompts if config.eval.eval_split == "test" else offline.validation_prompts
+        if not split:
+            raise ValueError(f"eval_split {config.eval.eval_split!r}: the offline set has no such prompts")
+        eval_prompts = split[: config.eval.eval_prompts]
+        description = {
+            "source": "offline",
+            **offline.stats,
+            "preferred_fraction": offline.preferred_fraction,
+            "eval_split": config.eval.eval_split,
+        }
         return PreferenceData(
             offline.unpaired_train, offline.paired_train, eval_prompts, offline.preferred_fraction, description
         )
@@ -307,6 +319,8 @@ def evaluate_policy(
         reference=reference,
         max_new_tokens=config.eval.eval_max_new_tokens,
         seed=config.train.seed,
+        samples_per_prompt=config.eval.eval_samples_per_prompt,
+        batch_size=config.train.generation_batch_size,
     )
 
 
@@ -360,11 +374,12 @@ def save_run(
     fig = plot_run_curves(curves, f"{config.name()}: training curves")
     save_figure(fig, run_dir / "training_curves.png", stamp)
     plt.close(fig)
-    if config.data.dataset != "offline":  # hub runs: AlpacaEval's format, to score with the official judge
+    if config.data.dataset != "offline":  # hub runs: AlpacaEval's format (one output per instruction: sample 0)
+        first = samples[samples["sample"] == 0]
         write_alpaca_eval_outputs(
             run_dir / "model_outputs.json",
-            samples["prompt"].tolist(),
-            samples["completion"].tolist(),
+            first["prompt"].tolist(),
+            first["completion"].tolist(),
             config.name(),
             stamp,
         )

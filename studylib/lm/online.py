@@ -23,16 +23,26 @@ prompt (leave-one-out; ``b_i = 0`` with one sample per prompt). ``b_i`` does not
 gradient stays unbiased; ``tests/test_lm_online.py`` checks it by enumeration.
 
 Reference log-probs: ``studylib.lm.reference`` (the policy with its LoRA adapters disabled, or a frozen copy
-under full fine-tuning). Optimiser: AdamW (weight decay 0), constant learning rate, gradient clipping. Knobs:
-``TrainConfig`` (``max_steps`` steps of ``prompts_per_step`` prompts). A run with ``output_dir`` saves a
-checkpoint (trainable parameters, optimiser, step, RNG state, history) every ``checkpoint_every()`` steps and
+under full fine-tuning). Optimiser: AdamW (weight decay 0), the offline trainer's learning-rate schedule
+(``lr_scheduler_type`` after ``warmup_ratio`` of the steps), gradient clipping. Knobs: ``TrainConfig``
+(``max_steps`` steps of ``prompts_per_step`` prompts). A run with ``output_dir`` saves a
+checkpoint (trainable parameters, optimiser, schedule, step, RNG state, history) every ``checkpoint_every()`` steps and
 resumes from the latest one; prompts and sampling seeds depend only on ``(seed, step)``, so a resumed run
 repeats the uninterrupted one.
+
+**Several processes** (``accelerate launch``; the process group is set up here as transformers' ``Trainer`` sets
+it up). Every process draws the whole step's samples (the same weights and seeds: the one-process draws), scores
+its contiguous share of the rows (rewards, policy and reference log-probs), and gathers the whole step's
+per-row values (``batching.gather_rows``): each computes the one-process loss of the whole step, so RLOO's group
+means, the KL estimate and every metric are those of one process. The gradients through each process's rows add
+up to the whole step's (``batching.sum_gradients``), and every process takes the same optimiser step. Sampling is
+repeated on every process; the forward and backward passes are split. The main process writes the checkpoints.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -41,11 +51,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, get_scheduler
 
-from studylib.lm.batching import model_logps, pad_sequences, pad_token_id
+from studylib.lm.batching import (
+    gather_rows,
+    model_logps,
+    pad_sequences,
+    pad_token_id,
+    process_group,
+    process_share,
+    sum_gradients,
+)
 from studylib.lm.config import TrainConfig, record_training_config
 from studylib.lm.reference import autocast_context, policy_and_reference
 from studylib.lm.sampling import sample_completions
@@ -105,6 +124,8 @@ class OnlineTrainer:
         self.pair_rows = list(pair_rows) if pair_rows else None
         self.prompt_ids = [list(p) for p in prompt_ids] if prompt_ids else None
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        PartialState()  # under accelerate launch: the process group (one process: nothing)
+        self.rank, self.processes = process_group()
         self._check_inputs()
         if config.training_args:
             warnings.warn(
@@ -117,6 +138,13 @@ class OnlineTrainer:
         self.policy.train()
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=0.0)
+        # the offline trainer's schedule (transformers' own): lr_scheduler_type with ceil(warmup_ratio * steps) warm-up
+        self.scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=math.ceil(config.warmup_ratio * config.max_steps),
+            num_training_steps=config.max_steps,
+        )
         self.step, self.history = 0, []
 
     def _check_inputs(self) -> None:
@@ -125,6 +153,10 @@ class OnlineTrainer:
             raise ValueError("max_steps, prompts_per_step, samples_per_prompt and max_new_tokens must be >= 1")
         if loss_fn.kind == "unpaired":
             raise ValueError(f"{name} trains on labelled rows: use studylib.lm.trainer")
+        if cfg.prompts_per_step < self.processes:
+            raise ValueError(
+                f"prompts_per_step ({cfg.prompts_per_step}) must be >= the number of processes ({self.processes})"
+            )
         if loss_fn.kind == "on_policy" and cfg.samples_per_prompt < 2:
             raise ValueError(f"{name} needs samples_per_prompt >= 2 (leave-one-out), got {cfg.samples_per_prompt}")
         if self.pair_rows is not None:
@@ -186,18 +218,21 @@ class OnlineTrainer:
         k = self.config.samples_per_prompt
         prompts = self._step_prompts(k)
         completions = self._sample(prompts, seed)
-        rewards = self._rewards(prompts, completions)
-        policy, reference = self._logps(prompts, completions)
-        loss, metrics = self.loss_fn(policy, reference, rewards.to(policy.device), samples_per_prompt=k)
+        mine = process_share(len(prompts))
+        rewards = self._rewards(prompts[mine], completions[mine])
+        policy, reference = self._logps(prompts[mine], completions[mine])
+        policy, reference, rewards = gather_rows(policy, reference, rewards.to(policy.device))
+        loss, metrics = self.loss_fn(policy, reference, rewards, samples_per_prompt=k)
         return loss, metrics, completions
 
     def _sampled_pairs_loss(self, seed: int) -> tuple[Tensor, dict[str, Tensor], list[list[int]]]:
         """Online distillation: pairs of policy samples labelled by reward margins, plus the KL term on them."""
         prompts = self._step_prompts(2)
         completions = self._sample(prompts, seed)
-        rewards = self._rewards(prompts, completions)
-        policy, reference = self._logps(prompts, completions)
-        rewards = rewards.to(policy.device)
+        mine = process_share(len(prompts))
+        rewards = self._rewards(prompts[mine], completions[mine])
+        policy, reference = self._logps(prompts[mine], completions[mine])
+        policy, reference, rewards = gather_rows(policy, reference, rewards.to(policy.device))
         kl = {"kl_penalty": kl_estimate(policy, reference, 2)} if self.loss_fn.kl_coefficient > 0 else {}
         loss, metrics = self.loss_fn(policy[0::2], policy[1::2], reward_margins=rewards[0::2] - rewards[1::2], **kl)
         metrics["rewards/mean"] = rewards.mean()
@@ -207,21 +242,27 @@ class OnlineTrainer:
         """Data-set pairs (pmle, offline distill); policy samples only for the KL term (if its coefficient > 0)."""
         cfg = self.config
         rows = [self.pair_rows[i] for i in _batch_order(len(self.pair_rows), cfg.prompts_per_step, self.step, cfg.seed)]
-        prompts = [r["prompt_ids"] for r in rows]
+        mine = rows[process_share(len(rows))]
+        prompts = [r["prompt_ids"] for r in mine]
         device = next(self.policy.parameters()).device
-        completions = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        completions = [r["chosen_ids"] for r in mine] + [r["rejected_ids"] for r in mine]
         batch = {k: v.to(device) for k, v in pad_sequences(prompts + prompts, completions, self.pad_id).items()}
         chosen_logps, rejected_logps = model_logps(self.policy, batch, self.loss_fn.length_normalized).chunk(2)
         extra: dict[str, Tensor] = {}
         samples: list[list[int]] = []
         if self.loss_fn.kl_coefficient > 0:
             k = cfg.samples_per_prompt
-            sample_prompts = [p for p in prompts for _ in range(k)]
+            sample_prompts = [r["prompt_ids"] for r in rows for _ in range(k)]
             samples = self._sample(sample_prompts, seed)
-            policy, reference = self._logps(sample_prompts, samples)
+            share = process_share(len(sample_prompts))
+            policy, reference = gather_rows(*self._logps(sample_prompts[share], samples[share]))
             extra["kl_penalty"] = kl_estimate(policy, reference, k)
+        margins = None
         if self.loss_fn.needs_reward_model:
-            extra["reward_margins"] = torch.tensor([float(r["reward_margin"]) for r in rows], device=device)
+            margins = torch.tensor([float(r["reward_margin"]) for r in mine], device=device)
+        chosen_logps, rejected_logps, margins = gather_rows(chosen_logps, rejected_logps, margins)
+        if margins is not None:
+            extra["reward_margins"] = margins
         loss, metrics = self.loss_fn(chosen_logps, rejected_logps, **extra)
         return loss, metrics, samples
 
@@ -246,12 +287,15 @@ class OnlineTrainer:
         self._stop_if_not_finite("the loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        sum_gradients(self.params)  # several processes: each gradient flows through that process's rows only
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self._stop_if_not_finite("the gradient norm", grad_norm)  # before the step: the weights stay good
+        learning_rate = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        self.scheduler.step()
         self.step += 1
         entry = {"step": self.step, "loss": loss.item(), "grad_norm": grad_norm.item()}
-        entry["learning_rate"] = self.config.learning_rate
+        entry["learning_rate"] = learning_rate
         entry |= {name: float(value) for name, value in metrics.items()}
         if completions:
             entry["completions/mean_length"] = sum(map(len, completions)) / len(completions)
@@ -274,7 +318,7 @@ class OnlineTrainer:
             self.resume(out)
         for _ in tqdm(range(self.step, steps), desc=f"{self.loss_fn.name} (on-policy)", leave=False):
             self.train_step()
-            if out is not None and (self.step % every == 0 or self.step == steps):
+            if out is not None and self.rank == 0 and (self.step % every == 0 or self.step == steps):
                 self.save(out)
         return self.history
 
@@ -285,6 +329,7 @@ class OnlineTrainer:
             "step": self.step,
             "trainable": trainable,
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
         }
@@ -307,6 +352,7 @@ class OnlineTrainer:
             for name, value in state["trainable"].items():
                 named[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.history = state["step"], state["history"]
         return True

@@ -7,7 +7,9 @@ Two strategies, chosen once per run:
 
 A policy wrapped for several processes (``DistributedDataParallel``, DeepSpeed, ...) is unwrapped first: the
 wrapper hides peft's ``disable_adapter``, and calling through it would make the "reference" the policy
-itself. (The third strategy, log-probs computed once before training, is ``trainer.attach_reference_logps``,
+itself. The reference's forward then bypasses the wrapper, which is right: it runs without gradients, so there
+is nothing for the wrapper to synchronise (``tests/test_lm_distributed.py`` checks that it is the base model under
+DDP). (The third strategy, log-probs computed once before training, is ``trainer.attach_reference_logps``,
 which computes them through this class.)
 """
 

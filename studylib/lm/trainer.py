@@ -15,7 +15,12 @@ from its declarations, never from its name:
 - Logs carry TRL's metric names plus ``grad_norm``, ``ratio/max`` and ``guard/activations``.
 - Checkpoints every ``save_steps``; a run in an ``output_dir`` that has one resumes from it.
 
-Multi-GPU: the same code under ``accelerate launch`` (see ``configs/accelerate/``).
+Several processes: the same code under ``accelerate launch`` (see ``configs/accelerate/``). A micro-batch is the
+rows of every process together; each process gathers the whole micro-batch's log-probs (``batching.gather_rows``)
+and computes the loss of all of it, so KTO's ``z0``, BCO's running mean, a batch's class fraction and every
+metric are those of one process given the same rows; the gradient is scaled so that the wrapper's average of the
+processes' gradients is their sum, the whole micro-batch's gradient (``batching.scale_for_averaged_gradients``).
+``tests/test_lm_distributed.py`` checks it against one process, on 2 CPU processes.
 """
 
 from __future__ import annotations
@@ -32,7 +37,15 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from studylib.lm.batching import BATCH_KEYS, model_logps, pad_sequences, pad_token_id, score_sequences
+from studylib.lm.batching import (
+    BATCH_KEYS,
+    gather_rows,
+    model_logps,
+    pad_sequences,
+    pad_token_id,
+    scale_for_averaged_gradients,
+    score_sequences,
+)
 from studylib.lm.config import TrainConfig, check_training_args, record_training_config
 from studylib.lm.reference import Reference, adapter_input_casting_off, autocast_context, policy_and_reference
 from studylib.losses import Loss
@@ -174,7 +187,6 @@ class AlignmentTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss_fn = self.loss_fn
         logps = self._logps(model, inputs)
-        self._stop_if_not_finite("the policy's log-probs", logps)
         reference = None
         if loss_fn.uses_reference:
             reference = inputs["ref_logps"] if "ref_logps" in inputs else self._reference_logps(inputs)
@@ -182,20 +194,33 @@ class AlignmentTrainer(Trainer):
         if loss_fn.kind == "paired":
             chosen, rejected = logps.chunk(2)
             ref_chosen, ref_rejected = (None, None) if reference is None else reference.chunk(2)
-            extra = {"reward_margins": inputs["reward_margins"]} if "reward_margins" in inputs else {}
+            margins = inputs.get("reward_margins")
+            chosen, rejected, ref_chosen, ref_rejected, margins = gather_rows(
+                chosen, rejected, ref_chosen, ref_rejected, margins
+            )
+            self._stop_if_not_finite("the policy's log-probs", torch.cat([chosen, rejected]))
+            extra = {} if margins is None else {"reward_margins": margins}
             loss, metrics = loss_fn(chosen, rejected, ref_chosen, ref_rejected, **extra)
         else:
-            extra = {}
+            kl_policy = kl_reference = None
             if loss_fn.mismatched_pairs:
                 with torch.no_grad():
-                    extra["policy_kl_logps"] = self._logps(model, inputs, "kl_")
+                    kl_policy = self._logps(model, inputs, "kl_")
                 if "ref_kl_logps" in inputs:
-                    extra["reference_kl_logps"] = inputs["ref_kl_logps"].to(logps)
+                    kl_reference = inputs["ref_kl_logps"].to(logps)
                 else:
-                    extra["reference_kl_logps"] = self._reference_logps(inputs, "kl_")
-            loss, metrics = loss_fn(logps, reference, inputs["labels_preferred"], **extra)
+                    kl_reference = self._reference_logps(inputs, "kl_")
+            policy, reference, labels, kl_policy, kl_reference = gather_rows(
+                logps, reference, inputs["labels_preferred"], kl_policy, kl_reference
+            )
+            self._stop_if_not_finite("the policy's log-probs", policy)
+            extra = {}
+            if loss_fn.mismatched_pairs:
+                extra = {"policy_kl_logps": kl_policy, "reference_kl_logps": kl_reference}
+            loss, metrics = loss_fn(policy, reference, labels, **extra)
         self._stop_if_not_finite("the loss", loss)
         self._record(metrics)
+        loss = scale_for_averaged_gradients(loss)
         return (loss, {"logps": logps}) if return_outputs else loss
 
     def _record(self, metrics: dict[str, torch.Tensor]) -> None:
@@ -281,13 +306,14 @@ def preferred_fraction(rows: list[dict]) -> float:
     return fraction
 
 
-def uses_precomputed_reference(config: TrainConfig, n_rows: int) -> bool:
-    """Whether reference log-probs are computed once before training (see ``TrainConfig.precompute_reference``)."""
+def uses_precomputed_reference(config: TrainConfig, n_rows: int, processes: int = 1) -> bool:
+    """Whether reference log-probs are computed once before training (see ``TrainConfig.precompute_reference``):
+    by default when the run's steps see at least ``n_rows`` rows (``batch_size`` rows per process)."""
     if config.precompute_reference is not None:
         return config.precompute_reference
     if config.max_steps <= 0:
         return True
-    return config.max_steps * config.batch_size * config.gradient_accumulation_steps >= n_rows
+    return config.max_steps * config.batch_size * config.gradient_accumulation_steps * processes >= n_rows
 
 
 ROW_KEYS = {
@@ -333,12 +359,13 @@ def build_trainer(
     record_training_config(output_dir, loss_fn, config)  # never resume another run's checkpoints
     if loss_fn.mismatched_pairs:
         rows = attach_mismatched_completions(rows, config.seed)
-    if loss_fn.uses_reference and uses_precomputed_reference(config, len(rows)):
+    args = training_arguments(config, output_dir)
+    if loss_fn.uses_reference and uses_precomputed_reference(config, len(rows), args.world_size):
         with autocast_context(model, config):  # as the policy computes its log-probs in training
             rows = attach_reference_logps(reference, rows, loss_fn, pad_id, config.reference_batch_size, output_dir)
     return AlignmentTrainer(
         model=model,
-        args=training_arguments(config, output_dir),
+        args=args,
         train_dataset=RowsDataset(rows),
         data_collator=AlignmentCollator(pad_id, loss_fn.kind, mismatched_pairs=loss_fn.mismatched_pairs),
         loss_fn=loss_fn,

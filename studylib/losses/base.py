@@ -4,6 +4,11 @@ A loss is a callable object: its knobs are validated in ``__init__``, and ``__ca
 log-probabilities (from a logit table in the toy, from a causal LM in training) to
 ``(scalar loss, metrics)``. Metrics use TRL's names (``rewards/chosen``, ``logps/chosen``, ...) and are
 detached 0-dim tensors, so logging them costs no device sync until a caller asks for a number.
+
+A loss computes every statistic of a batch (KTO's ``z0``, BCO's running mean, a batch's class fraction,
+RLOO's group means, the metrics) from the rows it is given, and never talks to other processes: under
+several processes the trainers give each process the whole batch, its own rows with gradients
+(``studylib.lm.batching.gather_rows``), so a loss is the same function on one process or many.
 """
 
 from __future__ import annotations

@@ -27,9 +27,12 @@ class KTO(Loss):
         -:  lam_U (1 - sigmoid(beta (z0 - T)))
 
     averaged over all rows (TRL's flat mean). The mismatched pairs pair each prompt with another row's
-    completion; TRL builds them by shifting completions by one inside the micro-batch (the trainer
-    does the same). Pass their log-probs as ``policy_kl_logps`` / ``reference_kl_logps``; without them
-    ``z0 = 0``. Converges to a prospect-theory utility optimum, not to ``p+``.
+    completion (the offline trainer fixes them once, a seeded cycle through the rows, as TRL fixes its KL
+    pairs). Pass their log-probs as ``policy_kl_logps`` / ``reference_kl_logps``; without them ``z0 = 0``.
+    ``z0`` is the mean over every mismatched pair passed: under several processes the trainers pass the
+    whole micro-batch, all processes' rows (``studylib.lm.batching.gather_rows``), so it is their sum over
+    their count, not TRL's mean of per-process means. Converges to a prospect-theory utility optimum, not
+    to ``p+``.
     """
 
     name = "kto"
@@ -78,7 +81,8 @@ class BCO(Loss):
         -:  -log sigmoid(-(beta T - delta))
 
     ``delta`` is the running mean of every ``beta T`` seen so far, updated (detached) with each batch
-    before the loss is computed, as TRL does. Averaged over all rows.
+    before the loss is computed, as TRL does (under several processes each gets the whole micro-batch, so
+    each keeps the one-process mean). Averaged over all rows.
     """
 
     name = "bco"

@@ -1,0 +1,74 @@
+"""The LM report's tables from run folders: per-prompt values averaged over seeds, bootstrap intervals, the paired
+difference from RDRO, the alpha sweep, and the sentences built from the intervals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from studylib import report
+
+
+def _run(root, name, loss, seed, win, logratio, alpha=None, sweep=False):
+    folder = root / name
+    folder.mkdir(parents=True)
+    n = len(win)
+    samples = pd.DataFrame(
+        {
+            "prompt_index": np.repeat(np.arange(n), 2),
+            "win": np.repeat(win, 2),
+            "logratio": np.repeat(logratio, 2),
+            "approved": (np.repeat(win, 2) > 0.5).astype(float),
+            "reference_approved": 0.25,
+        }
+    )
+    samples.to_csv(folder / "samples.csv", index=False)
+    kwargs = {"alpha": alpha} if alpha is not None else {}
+    record = {
+        "loss": loss, "dataset": "offline", "seed": seed, "win_rate": float(np.mean(win)), "n_prompts": n,
+        "reference_approval": 0.4, "length": 20.0, "samples_per_prompt": 2, "data": {"preferred_fraction": 0.45},
+        "params": {"loss_kwargs": kwargs, "sweep": sweep},
+    }  # fmt: skip
+    (folder / "metrics.json").write_text(json.dumps(record))
+
+
+def test_method_table_intervals_and_paired_difference(tmp_path):
+    rng = np.random.default_rng(0)
+    hardness = rng.uniform(0.2, 0.8, size=40)  # prompts differ a lot; every method shares this
+    for seed in (0, 1):
+        _run(tmp_path, f"rdro-{seed}", "rdro", seed, hardness, np.full(40, 1.0 + seed), alpha="auto")
+        _run(tmp_path, f"dpo-{seed}", "dpo", seed, hardness - 0.1, np.full(40, 3.0))
+    runs = report.collect_runs(tmp_path)
+    table = report.method_table(runs).set_index("method")
+    assert table.loc["rdro", "win_rate"] == pytest.approx(hardness.mean())
+    assert table.loc["rdro", "kl"] == pytest.approx(1.5) and table.loc["rdro", "kl_low"] == pytest.approx(1.5)
+    assert table.loc["rdro", "win_rate_low"] < hardness.mean() - 0.03  # prompts vary: a wide interval
+    # DPO is RDRO minus 0.1 on every prompt: the paired difference is exactly -0.1, with no width at all
+    assert table.loc["dpo", "win_rate_minus_rdro"] == pytest.approx(-0.1)
+    assert table.loc["dpo", "difference_low"] == pytest.approx(-0.1)
+    assert table.loc["dpo", "difference_high"] == pytest.approx(-0.1)
+    assert np.isnan(table.loc["rdro", "win_rate_minus_rdro"])
+    assert table.loc["dpo", "seeds"] == "0,1" and table.loc["dpo", "prompts"] == 40
+    approved = (hardness > 0.5).mean()
+    assert table.loc["rdro", "approval"] == pytest.approx(approved)
+    assert table.loc["rdro", "approval_gain"] == pytest.approx(approved - 0.25)
+    sentence = report.beats_reference(table.reset_index())  # DPO: 0.42, interval below 0.5; RDRO: 0.52 around it
+    assert "above 0.5 (beats the reference): none" in sentence and "below 0.5 (loses to it): dpo" in sentence
+    assert "contains 0.5: rdro" in sentence
+
+
+def test_alpha_sweep_reads_auto_as_the_preferred_fraction_and_lists_seeds(tmp_path):
+    for seed in (0, 1):
+        _run(tmp_path, f"auto-{seed}", "rdro", seed, np.full(8, 0.6), np.zeros(8), alpha="auto")
+        _run(tmp_path, f"a02-{seed}", "rdro", seed, np.full(8, 0.4), np.zeros(8), alpha=0.2, sweep=True)
+    sweep = report.alpha_sweep(report.collect_runs(tmp_path))
+    assert sweep["alpha"].tolist() == [0.2, 0.45] and sweep["win_rate"].tolist() == pytest.approx([0.4, 0.6])
+    assert set(sweep["seeds"]) == {"0,1"}
+    _run(tmp_path, "auto-2", "rdro", 2, np.full(8, 0.9), np.zeros(8), alpha="auto")  # a seed only "auto" has
+    again = report.alpha_sweep(report.collect_runs(tmp_path))
+    assert set(again["seeds"]) == {"0,1"} and again["win_rate"].tolist() == pytest.approx([0.4, 0.6])
+    table = report.method_table(report.collect_runs(tmp_path))
+    assert table["method"].tolist() == ["rdro"] and table["seeds"].tolist() == ["0,1,2"]  # the sweep's runs left out
