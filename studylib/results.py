@@ -101,7 +101,7 @@ def complete_stamp(stamp: Mapping[str, Any]) -> dict[str, Any]:
     full = {
         "studylib_version": studylib.__version__,
         "git_commit": git_commit(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     full.update(stamp)
     return full
