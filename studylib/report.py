@@ -115,13 +115,14 @@ def method_table(runs: pd.DataFrame, baseline: str = "rdro") -> pd.DataFrame:
     method's seeds; ``studylib.lm.stats``), the win-rate difference from ``baseline`` paired prompt by prompt (same
     prompts, same reference samples per seed), length, and counts."""
     rows = []
-    for (dataset, loss), part in _main_runs(runs).groupby(["dataset", "loss"]):
+    main = _main_runs(runs)
+    for (dataset, loss), part in main.groupby(["dataset", "loss"]):
         win, kl, approval, gain = (_seed_mean(part, c) for c in ("win", "logratio", "approved", "approval_gain"))
         row = {"dataset": dataset, "method": loss}
         for name, values in (("win_rate", win), ("kl", kl), ("approval", approval), ("approval_gain", gain)):
             estimate, low, high = bootstrap_interval(values)
             row |= {name: estimate, f"{name}_low": low, f"{name}_high": high}
-        base = runs[(runs["dataset"] == dataset) & (runs["loss"] == baseline) & ~runs["run"].isin(_sweep_names(runs))]
+        base = main[(main["dataset"] == dataset) & (main["loss"] == baseline)]
         if len(base) and loss != baseline:
             diff, low, high = paired_difference_interval(win, _seed_mean(base, "win"))
             row |= {f"win_rate_minus_{baseline}": diff, "difference_low": low, "difference_high": high}
@@ -134,10 +135,6 @@ def method_table(runs: pd.DataFrame, baseline: str = "rdro") -> pd.DataFrame:
         }
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _sweep_names(runs: pd.DataFrame) -> list[str]:
-    return runs.loc[runs.get("sweep", pd.Series(False, index=runs.index)).fillna(False) == True, "run"].tolist()  # noqa: E712
 
 
 def beats_reference(table: pd.DataFrame) -> str:
