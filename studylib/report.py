@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -42,10 +43,22 @@ PUBLISHED_NOTE = (
 )
 
 
-def collect_runs(root: str | Path) -> pd.DataFrame:
-    """One row per ``metrics.json`` under ``root`` (a run's directory), with its parameters flattened."""
+def collect_runs(root: str | Path, only: Collection[str] | None = None) -> pd.DataFrame:
+    """One row per ``metrics.json`` under ``root`` (a run's directory), with its parameters flattened.
+
+    ``only``: the run folder names to read (``studylib.study.lm_run_folders(profile)``), None for all. The
+    frame's ``attrs`` then list the folders under ``root`` left out (``"ignored"``) and those named but absent
+    (``"missing"``).
+    """
+    paths = sorted(Path(root).glob("**/metrics.json"))
+    ignored: list[str] = []
+    missing: list[str] = []
+    if only is not None:
+        wanted, found = set(only), {p.parent.name for p in paths}
+        ignored, missing = sorted(found - wanted), sorted(wanted - found)
+        paths = [p for p in paths if p.parent.name in wanted]
     rows = []
-    for path in sorted(Path(root).glob("**/metrics.json")):
+    for path in paths:
         record = json.loads(path.read_text())
         params = record.pop("params", {})
         knobs = params.get("loss_kwargs") if isinstance(params.get("loss_kwargs"), dict) else {}
@@ -54,8 +67,11 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
             alpha = record.get("data", {}).get("preferred_fraction")
         rows.append({"run": path.parent.name, "run_dir": str(path.parent), "alpha": alpha, **params, **record})
     if not rows:
-        raise FileNotFoundError(f"no metrics.json under {root}: run the LM notebooks (04) first")
-    return pd.DataFrame(rows)
+        named = f" in the {len(missing)} run folders named" if only is not None else ""
+        raise FileNotFoundError(f"no metrics.json under {root}{named}: run the LM notebooks (04) first")
+    frame = pd.DataFrame(rows)
+    frame.attrs.update(ignored=ignored, missing=missing)
+    return frame
 
 
 def run_conclusion(record: dict) -> str:

@@ -108,6 +108,17 @@ def _check_lm_runs(path: Path, runs: list[Run]) -> None:
         seen[folder] = run.name
 
 
+def lm_run_folders(profile: str) -> list[str]:
+    """The folder names of a profile's language-model runs (notebook 04), named as the notebook names them
+    (``RunConfig.name``): what the profile's report reads, so that runs of other configs left in the same
+    results folder (an earlier config's, committed or not) are never mixed into its tables."""
+    from studylib.lm.config import RunConfig
+
+    defaults = parameter_defaults(NOTEBOOKS / "04_lm_alignment.ipynb")
+    _, runs = load_study(profile)
+    return [RunConfig.from_flat(defaults | r.parameters).name() for r in runs if r.notebook == "04_lm_alignment"]
+
+
 RUN_CHECKS = {"04_lm_alignment": _check_lm_runs}
 """Notebooks whose runs are checked further when a config loads, by what the notebook runs."""
 

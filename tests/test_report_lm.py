@@ -72,3 +72,17 @@ def test_alpha_sweep_reads_auto_as_the_preferred_fraction_and_lists_seeds(tmp_pa
     assert set(again["seeds"]) == {"0,1"} and again["win_rate"].tolist() == pytest.approx([0.4, 0.6])
     table = report.method_table(report.collect_runs(tmp_path))
     assert table["method"].tolist() == ["rdro"] and table["seeds"].tolist() == ["0,1,2"]  # the sweep's runs left out
+
+
+def test_collect_runs_reads_only_the_named_folders_and_says_what_it_left(tmp_path):
+    win = np.full(4, 0.6)
+    _run(tmp_path, "offline-rdro-seed=0-new", "rdro", 0, win, win)
+    _run(tmp_path, "offline-rdro-seed=0-old", "rdro", 0, 1 - win, win)  # an earlier config's run, same seed
+    every = report.collect_runs(tmp_path)
+    assert sorted(every["run"]) == ["offline-rdro-seed=0-new", "offline-rdro-seed=0-old"]
+    named = report.collect_runs(tmp_path, only=["offline-rdro-seed=0-new", "offline-dpo-seed=0-new"])
+    assert named["run"].tolist() == ["offline-rdro-seed=0-new"] and named["win_rate"].tolist() == [0.6]
+    assert named.attrs["ignored"] == ["offline-rdro-seed=0-old"]
+    assert named.attrs["missing"] == ["offline-dpo-seed=0-new"]
+    with pytest.raises(FileNotFoundError, match="1 run folders named"):
+        report.collect_runs(tmp_path, only=["offline-dpo-seed=0-new"])

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from studylib.losses import available_losses
-from studylib.study import ROOT
+from studylib.study import ROOT, lm_run_folders
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,15 @@ def test_every_method_ran_and_the_table_has_it(smoke):
     assert (others["difference_low"] <= others["win_rate_minus_rdro"]).all()
     assert ufb.loc[ufb["method"] == "rdro", "win_rate_minus_rdro"].isna().all()
     assert {"offline", "mix14k"} <= set(table["dataset"])
+
+
+def test_the_report_reads_the_runs_the_profile_names(smoke):
+    results, *_ = smoke
+    written = {p.parent.name for p in (results / "lm").glob("*/metrics.json")}
+    assert set(lm_run_folders("smoke")) == written  # the names the report asks for are the folders 04 wrote
+    report_nb = json.loads((results / "notebooks" / "05_report.ipynb").read_text())
+    printed = "".join("".join(o.get("text", "")) for c in report_nb["cells"] for o in c.get("outputs", []))
+    assert f"{len(written)} runs, seeds" in printed and "left out" not in printed
 
 
 def test_alpha_sweep_and_curves(smoke):
