@@ -6,7 +6,8 @@ A LoRA policy (bf16 base, adapters perturbed so they matter) is evaluated on the
 ``studylib.lm.evaluate.evaluate`` does it (policy and reference samples, both scored, the pool's judgments; no
 cache), three ways: 16 rows at a time without autocast (the old default), 64 without, and 64 under the training's
 bf16 autocast (``reference.autocast_context``, what ``experiment.evaluate_policy`` does now). Prints each one's
-seconds and its ratio to the first. Builds the offline data set (cached) if it is not there: a few minutes.
+seconds and its ratio to the first; then how far apart the two numerics put the log-probs of the same samples.
+Builds the offline data set (cached) if it is not there: a few minutes.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import time
 import torch
 
 from studylib.lm.annotators import AnnotatorPool
+from studylib.lm.batching import pad_token_id, score_sequences
 from studylib.lm.config import RunConfig
-from studylib.lm.evaluate import evaluate
+from studylib.lm.evaluate import encode_prompts, evaluate
 from studylib.lm.experiment import load_policy, load_preferences
 from studylib.lm.reference import autocast_context, policy_and_reference
+from studylib.lm.sampling import sample_completions
 
 
 def main() -> None:
@@ -58,6 +61,17 @@ def main() -> None:
         print(f"{label}: {seconds[-1]:.1f} s (win rate {summary['win_rate']:.3f}, KL {summary['kl']:.3f})", flush=True)
     for (label, _, _), s in zip(ways, seconds, strict=True):
         print(f"{label}: {s / seconds[0]:.2f} x the first")
+    # the same sampled sequences scored both ways: how far apart the two numerics put a sequence's log-prob
+    prompt_ids = [p for p in encode_prompts(tokenizer, data.eval_prompts) for _ in range(args.samples)]
+    completions = sample_completions(policy, tokenizer, prompt_ids, max_new_tokens=32, seed=0, batch_size=64)
+    plain = score_sequences(policy, prompt_ids, completions, pad_token_id(tokenizer), 64)
+    with autocast_context(policy, config.train):
+        autocast = score_sequences(policy, prompt_ids, completions, pad_token_id(tokenizer), 64)
+    gap = autocast - plain
+    print(
+        f"log-prob of the same {len(gap)} samples, autocast minus float32 adapters: mean {gap.mean():.3f}, "
+        f"sd {gap.std():.3f}, largest {gap.abs().max():.3f} nats (a sequence's log-prob: {plain.mean():.1f} on average)"
+    )
 
 
 if __name__ == "__main__":

@@ -74,6 +74,19 @@ def collect_runs(root: str | Path, only: Collection[str] | None = None) -> pd.Da
     return frame
 
 
+def runs_note(runs: pd.DataFrame, root: str | Path, profile: str | None) -> str:
+    """What ``collect_runs`` read: how many runs, their seeds and methods, and (with ``only``) the folders under
+    ``root`` it left out and the runs it did not find."""
+    seeds = ", ".join(str(s) for s in sorted(runs["seed"].unique()))
+    lines = [f"{len(runs)} runs, seeds {seeds}, methods {', '.join(sorted(runs['loss'].unique()))}"]
+    if runs.attrs.get("ignored"):  # an earlier config's runs, say: never mixed into this profile's tables
+        left_out = len(runs.attrs["ignored"])
+        lines.append(f"left out: {left_out} run folders under {root} that no run of {profile!r} names")
+    if runs.attrs.get("missing"):
+        lines.append(f"not found (not run, or failed): {', '.join(runs.attrs['missing'])}")
+    return "\n".join(lines)
+
+
 def run_conclusion(record: dict) -> str:
     """What one run shows, in sentences built from its own record (``metrics.json``), with the 95% bootstrap
     interval of its win rate over prompts so a reader can tell a difference from noise."""

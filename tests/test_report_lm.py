@@ -84,5 +84,10 @@ def test_collect_runs_reads_only_the_named_folders_and_says_what_it_left(tmp_pat
     assert named["run"].tolist() == ["offline-rdro-seed=0-new"] and named["win_rate"].tolist() == [0.6]
     assert named.attrs["ignored"] == ["offline-rdro-seed=0-old"]
     assert named.attrs["missing"] == ["offline-dpo-seed=0-new"]
+    note = report.runs_note(named, tmp_path, "cpu").splitlines()
+    assert note[0] == "1 runs, seeds 0, methods rdro"
+    assert note[1].startswith("left out: 1 run folders") and note[1].endswith("that no run of 'cpu' names")
+    assert note[2] == "not found (not run, or failed): offline-dpo-seed=0-new"
+    assert report.runs_note(every, tmp_path, None) == "2 runs, seeds 0, methods rdro"
     with pytest.raises(FileNotFoundError, match="1 run folders named"):
         report.collect_runs(tmp_path, only=["offline-dpo-seed=0-new"])
