@@ -314,7 +314,7 @@ def evaluate_policy(
 
     A bf16 run is evaluated as it was trained: under ``autocast_context`` (bf16 autocast, peft's adapter input
     casting off), the numerics its loss and its on-policy samples saw. (Without it the adapters would run in
-    float32: the same policy up to rounding, per-sequence log-probs differing by 0.4 nats sd on the 135M model,
+    float32: the same policy up to rounding, per-sequence log-probs differing by 0.37 nats sd on the 135M model,
     and the evaluation about a tenth slower: ``bench/eval_cost.py``.)
     """
     with autocast_context(policy, config.train):
