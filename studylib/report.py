@@ -138,6 +138,12 @@ def _seed_mean(runs: pd.DataFrame, column: str) -> np.ndarray:
     return per_prompt_values(runs, column).dropna().mean(axis=1).to_numpy()
 
 
+def _with_interval(name: str, values: np.ndarray) -> dict[str, float]:
+    """``{name, name_low, name_high}``: the mean of per-prompt ``values`` and its 95% bootstrap interval."""
+    estimate, low, high = bootstrap_interval(values)
+    return {name: estimate, f"{name}_low": low, f"{name}_high": high}
+
+
 def method_table(runs: pd.DataFrame, baseline: str = "rdro") -> pd.DataFrame:
     """One row per (data set, method): win rate, KL, approval and the approval gain over the reference's samples
     (paired by prompt), each with a 95% bootstrap interval over prompts (each prompt's value averaged over the
@@ -145,15 +151,15 @@ def method_table(runs: pd.DataFrame, baseline: str = "rdro") -> pd.DataFrame:
     prompts, same reference samples per seed), length, and counts."""
     rows = []
     main = _main_runs(runs)
-    for (dataset, loss), part in main.groupby(["dataset", "loss"]):
+    groups = main.groupby(["dataset", "loss"])
+    baseline_wins = {dataset: _seed_mean(part, "win") for (dataset, loss), part in groups if loss == baseline}
+    for (dataset, loss), part in groups:
         win, kl, approval, gain = (_seed_mean(part, c) for c in ("win", "logratio", "approved", "approval_gain"))
         row = {"dataset": dataset, "method": loss}
         for name, values in (("win_rate", win), ("kl", kl), ("approval", approval), ("approval_gain", gain)):
-            estimate, low, high = bootstrap_interval(values)
-            row |= {name: estimate, f"{name}_low": low, f"{name}_high": high}
-        base = main[(main["dataset"] == dataset) & (main["loss"] == baseline)]
-        if len(base) and loss != baseline:
-            diff, low, high = paired_difference_interval(win, _seed_mean(base, "win"))
+            row |= _with_interval(name, values)
+        if dataset in baseline_wins and loss != baseline:
+            diff, low, high = paired_difference_interval(win, baseline_wins[dataset])
             row |= {f"win_rate_minus_{baseline}": diff, "difference_low": low, "difference_high": high}
         row |= {
             "reference_approval": part["reference_approval"].mean(),
@@ -223,13 +229,12 @@ def alpha_sweep(runs: pd.DataFrame) -> pd.DataFrame:
     rdro = rdro[rdro["seed"].isin(common)]
     rows = []
     for (dataset, alpha), part in rdro.groupby(["dataset", "alpha"]):
-        win_rate, low, high = bootstrap_interval(_seed_mean(part, "win"))
-        kl, kl_low, kl_high = bootstrap_interval(_seed_mean(part, "logratio"))
-        seeds = ",".join(str(s) for s in sorted(part["seed"].unique()))
         rows.append(
-            {"dataset": dataset, "alpha": alpha, "win_rate": win_rate, "win_rate_low": low, "win_rate_high": high,
-             "kl": kl, "kl_low": kl_low, "kl_high": kl_high, "seeds": seeds}
-        )  # fmt: skip
+            {"dataset": dataset, "alpha": alpha}
+            | _with_interval("win_rate", _seed_mean(part, "win"))
+            | _with_interval("kl", _seed_mean(part, "logratio"))
+            | {"seeds": ",".join(str(s) for s in sorted(part["seed"].unique()))}
+        )
     return pd.DataFrame(rows)
 
 
@@ -303,7 +308,7 @@ def ratio_findings(runs: pd.DataFrame) -> str:
     """The largest ``exp(T)`` each method's training logged (over steps and seeds, main runs), with RDRO's
     ``1/alpha`` beside it: the LM counterpart of notebook 03's ratio column."""
     lines = []
-    main = runs[runs.get("sweep", pd.Series(False, index=runs.index)).fillna(False) == False]  # noqa: E712
+    main = _main_runs(runs)
     several = main["dataset"].nunique() > 1
     for (dataset, loss), part in main.groupby(["dataset", "loss"]):
         peaks = []
@@ -332,7 +337,7 @@ def plot_training_curves(runs: pd.DataFrame, seed: int | None = None):
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     chosen = runs if seed is None else runs[runs["seed"] == seed]
-    chosen = chosen[chosen.get("sweep", pd.Series(False, index=chosen.index)).fillna(False) == False]  # noqa: E712
+    chosen = _main_runs(chosen)
     for _, run in chosen.drop_duplicates(["dataset", "loss"]).iterrows():
         curves_path = Path(run["run_dir"]) / "curves.csv"
         if not curves_path.exists():
@@ -404,12 +409,13 @@ def pilot_table(runs: pd.DataFrame) -> pd.DataFrame:
     approval with 95% intervals over the validation prompts, and the KL."""
     rows = []
     for (rate, loss), part in runs.groupby(["learning_rate", "loss"]):
-        win, low, high = bootstrap_interval(_seed_mean(part, "win"))
+        win = _seed_mean(part, "win")
         rows.append(
-            {"learning_rate": rate, "method": loss, "win_rate": win, "win_rate_low": low, "win_rate_high": high,
-             "approval": part["approval"].mean(), "reference_approval": part["reference_approval"].mean(),
-             "kl": part["kl"].mean(), "steps": int(part["steps"].max()), "prompts": len(_seed_mean(part, "win")),
-             "eval_split": part["data"].map(lambda d: d.get("eval_split")).iloc[0]}
+            {"learning_rate": rate, "method": loss}
+            | _with_interval("win_rate", win)
+            | {"approval": part["approval"].mean(), "reference_approval": part["reference_approval"].mean(),
+               "kl": part["kl"].mean(), "steps": int(part["steps"].max()), "prompts": len(win),
+               "eval_split": part["data"].map(lambda d: d.get("eval_split")).iloc[0]}
         )  # fmt: skip
     return pd.DataFrame(rows).sort_values(["learning_rate", "method"]).reset_index(drop=True)
 
