@@ -9,11 +9,12 @@ type (a number where the default is a number; YAML 1.2 numbers, so ``1e-3`` is o
 language-model run's knobs as the run will check them.
 
 Each run's executed notebook goes to ``<results_dir>/notebooks/<run name>.ipynb`` with an HTML export beside
-it. A run is skipped only if it is complete on this machine (``is_complete``: its local ``.done`` stamp, never
-committed, records these parameters and every output it wrote still exists), unless ``force``. A failing
-notebook is kept, with its error, as ``<run name>.failed.ipynb``; the runner finishes the other runs and then
-raises, naming every failure. ``study-<profile>.json`` records each run (status, seconds, code version), and
-the profile's ``compare`` tables are compared with their committed versions at the end.
+it, both naming no path of the machine that ran it (``portable_notebook``). A run is skipped only if it is
+complete on this machine (``is_complete``: its local ``.done`` stamp, never committed, records these parameters
+and every output it wrote still exists), unless ``force``. A failing notebook is kept, with its error, as
+``<run name>.failed.ipynb``; the runner finishes the other runs and then raises, naming every failure.
+``study-<profile>.json`` records each run (status, seconds, code version), and the profile's ``compare`` tables
+are compared with their committed versions at the end.
 """
 
 from __future__ import annotations
@@ -243,6 +244,73 @@ def load_study(profile: str, results_dir: str | Path | None = None) -> tuple[dic
     return header, runs
 
 
+TEXT_MIME = ("text/", "application/json", "application/javascript", "image/svg+xml")
+"""Output data of these types is text, whose paths ``portable_notebook`` rewrites (the others are base64)."""
+
+
+def portable_text(text: str, root: Path = ROOT) -> str:
+    """``text`` without this machine's absolute paths: the repository's made relative (``<root>/a/b`` becomes
+    ``a/b``, ``<root>`` alone ``.``) and the home folder's written with ``~``."""
+    prefixes = [(root, ".")]
+    if len(Path.home().parts) > 1:  # a home folder that is not "/"
+        prefixes.append((Path.home(), "~"))
+    for prefix, short in prefixes:
+        # where a path starts (after a space, a quote, a colour code), not inside another path (/mnt<root>)
+        here = r"(?:(?<![\w.~/-])|(?<=[\d;\[]m))" + re.escape(str(prefix))
+        text = re.sub(here + "/", "" if short == "." else short + "/", text)
+        text = re.sub(here + r"(?![\w.-])", short, text)
+    return text
+
+
+def _portable(value: Any, root: Path) -> Any:
+    if isinstance(value, str):
+        return portable_text(value, root)
+    if isinstance(value, list):
+        return [_portable(v, root) for v in value]
+    return value
+
+
+def portable_notebook(nb: dict[str, Any], output_path: Path, root: Path = ROOT) -> dict[str, Any]:
+    """Rewrite an executed notebook (in place; returned) so that it names no path of the machine that ran it:
+    papermill's ``input_path``, and ``output_path`` set to ``output_path`` (where the runner keeps it, not where
+    papermill wrote it), relative to ``root``; and the same paths in the cells' printed text, errors and text
+    outputs (a warning's file, a "saved to" line) by ``portable_text``."""
+    papermill = nb.get("metadata", {}).get("papermill")
+    if papermill is not None:
+        papermill["input_path"] = _portable(papermill.get("input_path"), root)
+        papermill["output_path"] = portable_text(str(output_path), root)
+    for cell in nb.get("cells", []):
+        for output in cell.get("outputs", []):
+            for key in ("text", "traceback", "evalue"):
+                if key in output:
+                    output[key] = _portable(output[key], root)
+            data = output.get("data", {})
+            for mime in data:
+                if mime.startswith(TEXT_MIME):
+                    data[mime] = _portable(data[mime], root)
+    return nb
+
+
+def _keep(written: Path, kept: Path) -> None:
+    """Move papermill's notebook ``written`` to ``kept`` (atomically), its machine's paths made portable."""
+    import nbformat
+
+    nb = nbformat.read(written, as_version=4)
+    write_atomic(kept, nbformat.writes(portable_notebook(nb, kept, ROOT)))
+    written.unlink()
+
+
+def executed_notebooks(profile: str, results_dir: str | Path | None = None) -> list[Path]:
+    """Where ``run_study`` keeps the executed notebooks of a profile's runs, one per run:
+    ``<results_dir>/notebooks/<run name>.ipynb`` (each with its HTML export beside it)."""
+    header, runs = load_study(profile, results_dir)
+    return [_notebooks_dir(header) / f"{run.name}.ipynb" for run in runs]
+
+
+def _notebooks_dir(header: dict) -> Path:
+    return Path(header["results_dir"]) / "notebooks"
+
+
 def _export_html(notebook_path: Path) -> None:
     import nbformat
     from nbconvert import HTMLExporter
@@ -270,9 +338,9 @@ def execute_run(run: Run, out_dir: Path, kernel_name: str = "python3") -> Path:
         )
     except Exception:
         if partial.exists():
-            partial.replace(failed)
+            _keep(partial, failed)
         raise
-    partial.replace(final)
+    _keep(partial, final)
     failed.unlink(missing_ok=True)
     return final
 
@@ -322,7 +390,7 @@ def run_study(
     if only:
         runs = [r for r in runs if only in r.name]
     results = Path(header["results_dir"])
-    out_dir = results / "notebooks"
+    out_dir = _notebooks_dir(header)
     summary_path = results / f"study-{profile}.json"
     previous = json.loads(summary_path.read_text()).get("runs", {}) if summary_path.is_file() else {}
     if not isinstance(previous, dict):

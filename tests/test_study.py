@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -93,6 +94,93 @@ def test_failing_notebook_is_kept_and_named(sandbox):
     assert "boom on purpose" in failed.read_text()
     assert not (sandbox / "results" / "notebooks" / "bad.done").exists()
     assert main(["study", "--profile", "t", "--results-dir", str(sandbox / "results"), "--no-html"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "portable"),
+    [
+        ("/tmp/fresh/.venv/lib/tqdm/auto.py:21: TqdmWarning", ".venv/lib/tqdm/auto.py:21: TqdmWarning"),
+        ("saved to /tmp/fresh/results/lm/dpo-seed=0\n", "saved to results/lm/dpo-seed=0\n"),
+        ('cwd "/tmp/fresh", or /tmp/fresh\n', 'cwd ".", or .\n'),
+        ("\x1b[0;32m/tmp/fresh/studylib/a.py\x1b[0m", "\x1b[0;32mstudylib/a.py\x1b[0m"),  # a traceback's colours
+        ("/home/me/.cache/hub and /home/me", "~/.cache/hub and ~"),
+        ("/tmp/freshness/x /mnt/tmp/fresh/x /home/meg https://h/tmp/fresh/x", None),  # other paths: kept
+    ],
+    ids=["warning", "printed", "root alone", "traceback colours", "home", "other paths"],
+)
+def test_portable_text_drops_the_machines_paths(monkeypatch, text, portable):
+    monkeypatch.setenv("HOME", "/home/me")
+    assert study.portable_text(text, Path("/tmp/fresh")) == (text if portable is None else portable)
+
+
+def test_portable_notebook_rewrites_papermills_paths_and_printed_ones():
+    root = Path("/tmp/fresh")
+    nb = {
+        "metadata": {
+            "papermill": {
+                "input_path": "/tmp/fresh/notebooks/04_lm_alignment.ipynb",
+                "output_path": "/tmp/fresh/results/notebooks/lm.running.ipynb",
+                "parameters": {"results_dir": "results/lm"},
+            }
+        },
+        "cells": [
+            {"cell_type": "markdown", "metadata": {}, "source": "# Title"},
+            {
+                "cell_type": "code",
+                "metadata": {},
+                "source": "train()",
+                "outputs": [
+                    {"output_type": "stream", "name": "stderr", "text": ["/tmp/fresh/.venv/w.py:1: UserWarning\n"]},
+                    {
+                        "output_type": "display_data",
+                        "metadata": {},
+                        "data": {"text/plain": ["saved to /tmp/fresh/results/x"], "image/png": "iVBOR+/tmp/fresh/A="},
+                    },
+                    {
+                        "output_type": "error",
+                        "ename": "OSError",
+                        "evalue": "no /tmp/fresh/data/y",
+                        "traceback": ["\x1b[0;32m/tmp/fresh/studylib/a.py\x1b[0m"],
+                    },
+                ],
+            },
+        ],
+    }
+    assert study.portable_notebook(nb, root / "results" / "notebooks" / "lm.ipynb", root) is nb
+    assert nb["metadata"]["papermill"] == {
+        "input_path": "notebooks/04_lm_alignment.ipynb",
+        "output_path": "results/notebooks/lm.ipynb",  # where the runner keeps it, not papermill's partial file
+        "parameters": {"results_dir": "results/lm"},
+    }
+    stream, display, error = nb["cells"][1]["outputs"]
+    assert stream["text"] == [".venv/w.py:1: UserWarning\n"]
+    assert display["data"] == {"text/plain": ["saved to results/x"], "image/png": "iVBOR+/tmp/fresh/A="}  # base64 kept
+    assert error["evalue"] == "no data/y" and error["traceback"] == ["\x1b[0;32mstudylib/a.py\x1b[0m"]
+
+
+def test_kept_notebooks_and_html_name_no_path_of_the_machine(sandbox, monkeypatch):
+    """A real run: the kept notebook (and its HTML), a failed one too, hold repository-relative paths only."""
+    monkeypatch.setattr(study, "ROOT", sandbox)  # the sandbox is the repository: notebooks/, studies/, results/
+    write_notebook(
+        sandbox / "notebooks" / "where.ipynb",
+        "import os\nprint('working in', os.getcwd(), 'writing', os.path.abspath('made.txt'))\n"
+        "if fail:\n    raise RuntimeError('cannot read ' + os.path.abspath('missing.txt'))",
+    )
+    runs = [{"notebook": "where", "name": "good"}, {"notebook": "where", "name": "bad", "parameters": {"fail": True}}]
+    write_profile(sandbox, runs)
+    with pytest.raises(study.StudyError, match=r"1 notebook\(s\) failed:\nbad \(where.ipynb\): RuntimeError"):
+        study.run_study("t", results_dir=sandbox / "results")
+    executed = sandbox / "results" / "notebooks"
+    for name in ("good.ipynb", "good.html", "bad.failed.ipynb"):
+        assert str(sandbox) not in (executed / name).read_text(), name
+    good = nbformat.read(executed / "good.ipynb", as_version=4)
+    assert good.metadata.papermill.input_path == "notebooks/where.ipynb"
+    assert good.metadata.papermill.output_path == "results/notebooks/good.ipynb"
+    assert "working in . writing made.txt" in "".join(o.get("text", "") for o in good.cells[-1].outputs)
+    bad = nbformat.read(executed / "bad.failed.ipynb", as_version=4)
+    assert bad.metadata.papermill.output_path == "results/notebooks/bad.failed.ipynb"
+    assert "cannot read missing.txt" in bad.cells[-1].outputs[-1].evalue
+    assert not list(executed.glob("*.running.ipynb"))
 
 
 @pytest.mark.parametrize(
