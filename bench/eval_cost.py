@@ -24,6 +24,7 @@ from studylib.lm.config import RunConfig
 from studylib.lm.evaluate import encode_prompts, evaluate
 from studylib.lm.experiment import load_policy, load_preferences
 from studylib.lm.reference import autocast_context, policy_and_reference
+from studylib.lm.runtime import make_runtime
 from studylib.lm.sampling import sample_completions
 
 
@@ -35,10 +36,11 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     config = RunConfig.from_flat({"model": args.model, "bf16": True, "use_lora": True, "eval_prompts": args.prompts})
-    model, tokenizer = load_policy(config)
+    runtime = make_runtime(True)
+    model, tokenizer = load_policy(config, runtime)
     pool = AnnotatorPool(seed=0)
-    data = load_preferences(config, model, tokenizer, pool)
-    policy, _ = policy_and_reference(model, config.train, needs_reference=True)
+    data = load_preferences(config, model, tokenizer, pool, runtime)
+    policy, _ = policy_and_reference(model, config.train, needs_reference=True, device=runtime.device)
     with torch.no_grad():  # adapters as after some training: B no longer zero
         for name, param in policy.named_parameters():
             if "lora_B" in name:
@@ -50,7 +52,7 @@ def main() -> None:
     ]
     seconds = []
     for label, batch_size, autocast in ways:
-        context = autocast_context(policy, config.train) if autocast else contextlib.nullcontext()
+        context = autocast_context(policy, config.train, runtime.device) if autocast else contextlib.nullcontext()
         start = time.perf_counter()
         with context:
             summary, _ = evaluate(
@@ -65,7 +67,7 @@ def main() -> None:
     prompt_ids = [p for p in encode_prompts(tokenizer, data.eval_prompts) for _ in range(args.samples)]
     completions = sample_completions(policy, tokenizer, prompt_ids, max_new_tokens=32, seed=0, batch_size=64)
     plain = score_sequences(policy, prompt_ids, completions, pad_token_id(tokenizer), 64)
-    with autocast_context(policy, config.train):
+    with autocast_context(policy, config.train, runtime.device):
         autocast = score_sequences(policy, prompt_ids, completions, pad_token_id(tokenizer), 64)
     gap = autocast - plain
     print(

@@ -14,7 +14,9 @@ the same place from any working directory.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
+import errno
 import json
 import os
 import shutil
@@ -61,19 +63,50 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
     return path
 
 
+RENAME_EXCHANGE = 2  # renameat2's flag (Linux >= 3.15): swap two paths in one step
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the folders ``a`` and ``b`` in one atomic step (Linux ``renameat2``); False where it is not offered."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_cwd = -100
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False  # not offered by this kernel or file system
+    raise OSError(error, os.strerror(error), str(b))
+
+
 @contextmanager
 def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``target``; fill it, and on success it replaces ``target`` by one
-    rename (a reader sees the old folder or the new one, never half of one). On an error it is removed."""
+    """Yield a fresh temporary folder beside ``target``; fill it, and on success it takes ``target``'s place in one
+    step: a reader (another process too) sees the old folder or the new one, never half of one and never none.
+
+    A new ``target`` is one ``rename``; an existing one is swapped with the new folder in one ``renameat2`` exchange
+    (Linux), then the old one, now at the temporary name, is deleted. Where the exchange is not offered, the old
+    folder is renamed aside first: a moment with no ``target``, but never a half one. On an error the temporary
+    folder is removed and ``target`` is left as it was.
+    """
     target = resolve(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)  # no target yet (an empty one is replaced too)
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            if not _exchange(tmp, target):
+                aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.rename(target, aside / target.name)
+                os.rename(tmp, target)
+                shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from studylib.checks import check_like_default
+from studylib.checks import ALSO_ACCEPTED, check_like_default
 from studylib.compare import what_moved
 from studylib.results import git_commit, resolve, write_atomic
 
@@ -83,7 +83,8 @@ def _check_types(path: Path, where: str, notebook: str, params: dict[str, Any]) 
     defaults = parameter_defaults(NOTEBOOKS / f"{notebook}.ipynb")
     for name, value in params.items():
         try:
-            check_like_default(f"parameter {name!r} of {notebook}", value, defaults.get(name))
+            also = ALSO_ACCEPTED.get(name, ()) if notebook == "04_lm_alignment" else ()
+            check_like_default(f"parameter {name!r} of {notebook}", value, defaults.get(name), also)
         except ValueError as err:
             raise StudyError(f"{path}: {where}: {err}") from None
 

@@ -16,6 +16,10 @@ weights before and after training. The cases:
 - ``reverse_kl``: the on-policy trainer, 3 prompts x 2 samples a step (rows split 3 / 3, so one prompt's group
   is split between the processes), 2 steps. ``pmle``: the same trainer on data-set pairs with a KL term, 3 pairs
   a step (split 1 / 2) and 2 policy samples of each pair's prompt.
+- ``bco`` (running mean), ``dpo-accumulate`` (gradient accumulation 2: 1 row a micro-batch in each of two
+  processes, 2 in one), ``kto-full`` (full fine-tuning: every weight trained, a separate frozen reference).
+- ``run``: a whole run (``run_experiment``, offline data, a reward model, precomputed reference log-probs), counting
+  how often this process built each cache.
 - ``uneven``: losses called directly on per-row values split unevenly between the processes (one process holds
   none, 2 or 3 of 6 rows): the loss and the gradient of every row, for KTO (``z0``), BCO (running mean), RDRO
   with the batch's own class fraction and reverse KL (RLOO groups across the split).
@@ -31,7 +35,7 @@ import torch
 from accelerate import PartialState
 
 from studylib.lm.batching import gather_rows, model_logps, pad_sequences, process_group
-from studylib.lm.config import TrainConfig
+from studylib.lm.config import RunConfig, TrainConfig
 from studylib.lm.online import train_online
 from studylib.lm.reference import Reference, policy_and_reference
 from studylib.lm.tiny import tiny_model, tiny_tokenizer
@@ -87,23 +91,25 @@ def initial_weights(tokenizer, config: TrainConfig) -> dict[str, torch.Tensor]:
     return lora_weights(policy)
 
 
-def offline_case(tokenizer, loss: str, out: Path, processes: int, **knobs) -> dict:
+def offline_case(tokenizer, loss: str, out: Path, processes: int, name: str | None = None, **knobs) -> dict:
     rows = paired_rows(tokenizer) if loss == "dpo" else unpaired_rows(tokenizer)
     fraction = None if loss == "dpo" else preferred_fraction(rows)
     loss_fn = build_loss(loss, {"alpha": "auto"} if loss == "rdro" else {}, fraction)
+    accumulation = knobs.pop("gradient_accumulation_steps", 1)
     config = TrainConfig(
         max_steps=3,
-        batch_size=GLOBAL_BATCH // processes,
+        batch_size=GLOBAL_BATCH // processes // accumulation,
+        gradient_accumulation_steps=accumulation,
         learning_rate=1e-2,
         lr_scheduler_type="constant",
         warmup_ratio=0.0,
-        use_lora=True,
+        use_lora=knobs.pop("use_lora", True),
         lora_r=4,
         save_steps=100,
         training_args={"disable_tqdm": True},
         **knobs,
     )
-    trainer = train(tiny_model(tokenizer, seed=0), tokenizer, rows, loss_fn, config, out / loss)
+    trainer = train(tiny_model(tokenizer, seed=0), tokenizer, rows, loss_fn, config, out / (name or loss))
     steps = [
         {k: v for k, v in entry.items() if isinstance(v, float | int)}
         for entry in trainer.state.log_history
@@ -177,7 +183,46 @@ def uneven_case() -> dict:
     return result
 
 
+BUILDS = {"offline data": 0, "reward model": 0, "reference log-probs": 0}
+"""How often this process built each cache (counted by ``count_builds``)."""
+
+
+def count_builds() -> None:
+    """Count the calls that build a cache: sampling the offline data, fitting a reward model, scoring the
+    reference log-probs of the offline trainer (a cache hit calls none of them)."""
+    import studylib.lm.experiment as experiment
+    import studylib.lm.synth as synth
+    import studylib.lm.trainer as trainer
+
+    def counted(module, name: str, what: str) -> None:
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            BUILDS[what] += 1
+            return original(*args, **kwargs)
+
+        setattr(module, name, wrapper)
+
+    counted(synth, "sample_ids_and_texts", "offline data")
+    counted(experiment, "train_reward_model", "reward model")
+    counted(trainer, "score_sequences", "reference log-probs")
+
+
+def run_case(out: Path) -> dict:
+    """A whole run (``run_experiment``: offline data, a reward model) and the caches this process built for it."""
+    from studylib.lm.experiment import run_experiment
+
+    knobs = {"model": "tiny", "dataset": "offline", "n_prompts": 8, "completions_per_prompt": 2}
+    knobs |= {"data_max_new_tokens": 4, "loss": "distill", "loss_kwargs": {"beta": 0.0}, "max_steps": 2}
+    knobs |= {"batch_size": 2, "eval_prompts": 2, "eval_max_new_tokens": 4}
+    knobs |= {"results_dir": str(out / "lm"), "training_args": {"disable_tqdm": True}}
+    before = dict(BUILDS)
+    record = run_experiment(RunConfig.from_flat(knobs))
+    return {"builds": {k: BUILDS[k] - before[k] for k in BUILDS}, "runtime": record.get("runtime")}
+
+
 def main(out: Path) -> None:
+    os.environ["STUDYLIB_CACHE"] = str(out / "cache")  # shared by the processes of one launch
     PartialState(cpu=True)  # the process group (gloo) under accelerate launch
     rank, processes = process_group()
     torch.set_num_threads(1)
@@ -185,10 +230,16 @@ def main(out: Path) -> None:
     results = {"processes": processes}
     results["dpo"] = offline_case(tokenizer, "dpo", out, processes, precompute_reference=False)
     results["kto"] = offline_case(tokenizer, "kto", out, processes, precompute_reference=False)
+    count_builds()
     results["rdro"] = offline_case(tokenizer, "rdro", out, processes)
+    results["rdro"]["builds"] = dict(BUILDS)  # the reference log-probs, precomputed
+    results["bco"] = offline_case(tokenizer, "bco", out, processes)  # its running mean over the whole batch
+    results["dpo-accumulate"] = offline_case(tokenizer, "dpo", out, processes, "dpo-ga", gradient_accumulation_steps=2)
+    results["kto-full"] = offline_case(tokenizer, "kto", out, processes, "kto-full", use_lora=False)
     results["reverse_kl"] = online_case(tokenizer, "reverse_kl", out)
     results["pmle"] = online_case(tokenizer, "pmle", out)
     results["uneven"] = uneven_case()
+    results["run"] = run_case(out)
     torch.save(results, out / f"rank{rank}.pt")
 
 

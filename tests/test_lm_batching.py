@@ -80,7 +80,7 @@ def test_bf16_frozen_base_matches_float32_within_tolerance():
     values = {}
     for bf16 in (False, True):
         policy, reference = policy_and_reference(tiny_model(tiny_tokenizer(), seed=0), TrainConfig(bf16=bf16), True)
-        with torch.no_grad(), autocast_context(policy, TrainConfig(bf16=bf16)):
+        with torch.no_grad(), autocast_context(policy, TrainConfig(bf16=bf16), "cpu"):
             values[bf16] = (model_logps(policy, batch), reference.logps(batch))
     assert values[True][0].dtype == torch.float32
     assert next(p for p in policy.parameters() if p.requires_grad).dtype == torch.float32  # adapters stay fp32

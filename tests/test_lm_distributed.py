@@ -37,7 +37,7 @@ from studylib.lm.batching import gather_rows, process_share, scale_for_averaged_
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
-CASES = ("dpo", "kto", "rdro", "reverse_kl", "pmle")
+CASES = ("dpo", "kto", "rdro", "bco", "dpo-accumulate", "kto-full", "reverse_kl", "pmle")
 REL, ABS = 1e-4, 5e-5
 UPDATE_REL = 1e-3
 
@@ -95,7 +95,8 @@ def test_logged_losses_and_metrics_equal_one_process(runs, case):
 def test_trained_weights_equal_one_process(runs, case):
     one, two, other = runs
     start, expected, got = one[case]["initial"], one[case]["weights"], two[case]["weights"]
-    assert set(got) == set(expected) and all("lora_" in name for name in got)
+    assert set(got) == set(expected)
+    assert all("lora_" in name for name in got) == (case != "kto-full")  # full fine-tuning trains every weight
     for name, value in got.items():
         assert torch.equal(value, other[case]["weights"][name]), f"{case}: the processes' {name} differ"
         torch.testing.assert_close(two[case]["initial"][name], start[name], rtol=0, atol=0)
@@ -138,6 +139,20 @@ def test_losses_on_unevenly_split_rows_equal_one_process(runs):
             torch.testing.assert_close(got["grads"], expected["grads"], rtol=1e-12, atol=1e-12, msg=key)
             for name, value in expected["metrics"].items():
                 assert got["metrics"][name] == pytest.approx(value, rel=1e-12, abs=1e-12, nan_ok=True), (key, name)
+
+
+def test_caches_are_built_once_over_the_processes(runs):
+    """Offline data, reward model, reference log-probs: the main process builds each, the other reads it."""
+    one, rank0, rank1 = runs
+    for case, what, count in [
+        ("run", "offline data", 1),
+        ("run", "reward model", 1),
+        ("rdro", "reference log-probs", 1),
+    ]:
+        assert one[case]["builds"][what] == count, f"one process built {what} {one[case]['builds'][what]} times"
+        assert rank0[case]["builds"][what] == count, f"the main process built {what} {rank0[case]['builds'][what]}x"
+        assert rank1[case]["builds"][what] == 0, f"the second process built {what} again: it should read it"
+    assert rank0["run"]["runtime"]["processes"] == 2 and one["run"]["runtime"]["processes"] == 1
 
 
 def test_one_process_is_left_untouched():

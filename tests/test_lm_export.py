@@ -17,6 +17,7 @@ from studylib.lm.annotators import AnnotatorPool
 from studylib.lm.config import TrainConfig
 from studylib.lm.experiment import run_experiment
 from studylib.lm.export import save_trained_model
+from studylib.lm.runtime import make_runtime
 from studylib.lm.tiny import tiny_model, tiny_tokenizer
 from studylib.lm.trainer import training_arguments
 
@@ -40,12 +41,13 @@ def test_a_run_saves_a_model_that_loads_back_with_its_card(tiny_run, use_lora):
 @pytest.mark.parametrize("use_lora", [True, False])
 def test_the_saved_model_has_the_trained_policys_logits(tiny_run, use_lora):
     config = tiny_run(use_lora=use_lora)
-    model, tokenizer = experiment.load_policy(config)
-    data = experiment.load_preferences(config, model, tokenizer, AnnotatorPool(0))
+    runtime = make_runtime(config.train.bf16)
+    model, tokenizer = experiment.load_policy(config, runtime)
+    data = experiment.load_preferences(config, model, tokenizer, AnnotatorPool(0), runtime)
     loss_fn = experiment.build_run_loss(config, data)
     reference = experiment.separate_reference(config, model)
     plan = experiment.plan_training(loss_fn)
-    policy, _, _ = experiment.train_policy(config, loss_fn, plan, model, tokenizer, data, reference)
+    policy, _, _ = experiment.train_policy(config, loss_fn, plan, model, tokenizer, data, reference, runtime)
     record = {"params": {**config.to_flat(), "run": config.name()}, "steps": 2}
     folder = save_trained_model(policy, tokenizer, record, config.run_dir() / "model")
     start = tiny_model(tokenizer, seed=config.train.seed)
@@ -60,10 +62,12 @@ def test_the_saved_model_has_the_trained_policys_logits(tiny_run, use_lora):
 
 
 def test_training_args_reach_the_trainer_and_report_to_defaults_to_none(tmp_path):
-    default = training_arguments(TrainConfig(), tmp_path)
+    runtime = make_runtime(False)
+    default = training_arguments(TrainConfig(), tmp_path, runtime)
     assert default.report_to in ([], "none", ["none"])
     args = training_arguments(
         TrainConfig(training_args={"report_to": ["tensorboard"], "weight_decay": 0.1, "logging_first_step": True}),
         tmp_path,
+        runtime,
     )
     assert args.report_to == ["tensorboard"] and args.weight_decay == 0.1 and args.logging_first_step

@@ -162,10 +162,10 @@ def test_divergence_stops_before_the_weights_go_bad(tmp_path, tokenizer, where):
     )
     trainer.train_step()
     good = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
-    if where == "weights":  # NaN log-probs: named, not torch's sampling error
+    if where == "weights":  # NaN log-probs: named from the weights, whatever torch's error says
         with torch.no_grad():
             trainer.policy.lm_head.weight[0, 0] = float("nan")
-        match = "on-policy step 2: "
+        match = r"on-policy training diverged at step 2: 1 trained weight tensor\(s\) are not finite"
     else:
         trainer.policy.lm_head.weight.register_hook(lambda grad: grad * float("nan"))
         match = "on-policy training diverged at step 2: the gradient norm is nan"
@@ -174,6 +174,20 @@ def test_divergence_stops_before_the_weights_go_bad(tmp_path, tokenizer, where):
     if where == "gradient":  # the bad gradient never reached the weights
         for name, p in trainer.policy.named_parameters():
             torch.testing.assert_close(p.detach(), good[name], msg=name)
+
+
+def test_an_error_that_mentions_inf_is_not_called_divergence(tokenizer):
+    """Divergence is read from the numbers: an error whose text says "inf" with finite weights stays what it is."""
+
+    def failing_reward(prompts, completions):
+        raise RuntimeError("reward server: info unavailable")
+
+    trainer = OnlineTrainer(
+        tiny_model(tokenizer), tokenizer, get_loss("rlhf"), config(max_steps=1), prompt_ids=prompts_for(tokenizer),
+        reward_fn=failing_reward,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="info unavailable"):
+        trainer.train_step()
 
 
 def test_bad_inputs_fail_clearly(tokenizer):

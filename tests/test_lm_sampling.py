@@ -39,7 +39,8 @@ def test_batch_b_is_drawn_with_its_own_seed(tiny):
     assert batch_seed(2, 1) == 2 * 1_000_003 + 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(batch_seed(2, 1))
-        second = _sample_batch(model, ids[2:], tokenizer.pad_token_id, tokenizer.eos_token_id, 5, 1.0)
+        pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        second = _sample_batch(model, ids[2:], pad, eos, 5, 1.0, torch.device("cpu"))
     assert whole[2:] == second
 
 

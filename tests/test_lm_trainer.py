@@ -177,19 +177,23 @@ class InterruptAfterSave(TrainerCallback):
             raise Interrupted
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, tokenizer):
+@pytest.mark.parametrize("loss", ["rdro", "bco"])  # BCO: its running mean (delta) is checkpointed too
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, tokenizer, loss):
     knobs = {"max_steps": 4, "save_steps": 2, "lr_scheduler_type": "cosine", "warmup_ratio": 0.25}
-    straight = run(tmp_path / "straight", tokenizer, "rdro", model=tiny_model(tokenizer), **knobs)
-    interrupted = run(tmp_path, tokenizer, "rdro", model=tiny_model(tokenizer), build=True, **knobs)
+    straight = run(tmp_path / "straight", tokenizer, loss, model=tiny_model(tokenizer), **knobs)
+    interrupted = run(tmp_path, tokenizer, loss, model=tiny_model(tokenizer), build=True, **knobs)
     interrupted.add_callback(InterruptAfterSave(2))
     with pytest.raises(Interrupted):
         interrupted.train()
-    assert (tmp_path / "rdro" / "checkpoint-2").is_dir()
-    resumed = run(tmp_path, tokenizer, "rdro", model=tiny_model(tokenizer), **knobs)
+    assert (tmp_path / loss / "checkpoint-2").is_dir()
+    resumed = run(tmp_path, tokenizer, loss, model=tiny_model(tokenizer), **knobs)
     logged = [e for e in resumed.state.log_history if "loss" in e]
     assert [e["step"] for e in logged] == [1, 2, 3, 4]  # history carried over, steps 3-4 trained anew
-    expected = [e["loss"] for e in straight.state.log_history if "loss" in e]
-    assert [e["loss"] for e in logged] == pytest.approx(expected, rel=1e-5)
+    expected = [e for e in straight.state.log_history if "loss" in e]
+    assert [e["loss"] for e in logged] == pytest.approx([e["loss"] for e in expected], rel=1e-5)
+    if loss == "bco":
+        assert [e["delta"] for e in logged] == pytest.approx([e["delta"] for e in expected], rel=1e-5, abs=1e-9)
+        assert abs(logged[-1]["delta"]) > 1e-4  # a mean that moved, so a lost one would show
     for (name, p), q in zip(resumed.model.named_parameters(), straight.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
 

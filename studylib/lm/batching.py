@@ -135,9 +135,10 @@ def score_sequences(
     batch_size: int = 8,
     average: bool = False,
     desc: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> Tensor:
-    """Log-probs of many (prompt, completion) token rows, in batches, with a progress bar if ``desc``."""
-    device = next(model.parameters()).device
+    """Log-probs of many (prompt, completion) token rows, in batches built on ``device`` (where ``model`` is: the
+    run's ``Runtime.device``), with a progress bar if ``desc``; returned on the CPU."""
     was_training = model.training
     model.eval()
     out = []

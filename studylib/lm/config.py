@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studylib.checks import check_like_default
+from studylib.checks import ALSO_ACCEPTED, check_like_default
 from studylib.lm.lora import LORA_TARGETS
 from studylib.losses import LOSSES, Loss, build_loss
 
@@ -57,7 +57,9 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 10.0
     seed: int = 0
-    bf16: bool = False  # frozen weights in bf16 (LoRA base, reference), trained ones fp32 + autocast; CPU too
+    # frozen weights in bf16 (LoRA base, reference), trained ones fp32 + autocast; "auto": bf16 where the device runs
+    # it natively, float32 elsewhere (studylib.lm.runtime decides, and the run records which and why)
+    bf16: bool | str = False
     use_lora: bool = True
     lora_r: int = 16
     lora_alpha: int | None = None  # None: 2 * lora_r
@@ -203,6 +205,7 @@ class RunConfig:
             "eval_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
             "validation_fraction": (lambda v: 0 <= v < 1 - knobs["eval_fraction"], "in [0, 1 - eval_fraction)"),
             "eval_split": (lambda v: v in ("test", "validation"), "'test' or 'validation'"),
+            "bf16": (lambda v: v in (True, False, "auto"), "true, false or auto"),
             "max_prompt_length": (lambda v: 1 <= v < knobs["max_length"], "in [1, max_length)"),
             "eval_prompts": (lambda v: v >= 1, ">= 1 (the run is evaluated on them)"),
             "n_prompts": at_least_2,
@@ -241,23 +244,14 @@ class RunConfig:
         if self.online and not loss_fn.needs_reward_model:
             raise ValueError(f"online: {self.loss} uses no reward model to label sampled pairs (set online: false)")
 
-    def check_machine(self) -> None:
-        """What this machine must offer the run (checked when the run starts, not when a config is validated)."""
-        import warnings
-
-        import torch
-
-        if self.train.bf16 and not torch.cuda.is_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            warnings.warn(
-                "bf16: true on a CPU without native bf16 instructions (AVX-512 BF16 or AMX): it runs, but slower "
-                "than float32; set bf16: false",
-                stacklevel=2,
-            )
-
     def identity(self) -> dict[str, Any]:
         """The knobs that change the run's result (all but ``NOT_IDENTITY``, and of ``training_args`` all but
         ``NOT_IDENTITY_TRAINING_ARGS``; none left: not listed), as saved beside it."""
         identity = {k: v for k, v in self.to_flat().items() if k not in NOT_IDENTITY}
+        if identity["bf16"] == "auto":  # the precision this machine resolves it to: that is what changes a result
+            from studylib.lm.runtime import resolve_bf16
+
+            identity["bf16"] = resolve_bf16("auto")
         training_args = {k: v for k, v in identity.pop("training_args").items() if k not in NOT_IDENTITY_TRAINING_ARGS}
         return identity | ({"training_args": training_args} if training_args else {})
 
@@ -294,7 +288,7 @@ class RunConfig:
 
 def _check_types(knobs: dict[str, Any], defaults: dict[str, Any]) -> None:
     for name, value in knobs.items():
-        check_like_default(name, value, defaults[name])
+        check_like_default(name, value, defaults[name], ALSO_ACCEPTED.get(name, ()))
 
 
 def record_training_config(output_dir: str | Path, loss_fn: Loss, config: TrainConfig) -> None:

@@ -90,13 +90,16 @@ def reference_samples(
     seed: int,
     batch_size: int,
     cache: bool = True,
+    device: torch.device | str = "cpu",
 ) -> list[list[int]]:
-    """``samples_per_prompt`` reference samples per prompt (prompt-major), cached under a hash of the reference's
-    weights, the prompts, the knobs and the seed: every method of a seed gets the same ones."""
+    """``samples_per_prompt`` reference samples per prompt (prompt-major), drawn on ``device``, cached under a hash of
+    the reference's weights, the prompts, the knobs, the seed and (other than the CPU) the device type: every
+    method of a seed gets the same ones."""
     expanded = [list(p) for p in prompt_ids for _ in range(samples_per_prompt)]
-    key = hashlib.sha256(
-        json.dumps([model_fingerprint(reference_model), expanded, max_new_tokens, seed, batch_size]).encode()
-    ).hexdigest()[:16]
+    inputs = [model_fingerprint(reference_model), expanded, max_new_tokens, seed, batch_size]
+    if torch.device(device).type != "cpu":  # its random streams differ from the CPU's
+        inputs.append(torch.device(device).type)
+    key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
     path = cache_root() / "reference_samples" / f"{key}.json"
     if cache and path.is_file():
         return json.loads(path.read_text())
@@ -108,6 +111,7 @@ def reference_samples(
         seed=seed,
         batch_size=batch_size,
         desc="reference samples",
+        device=device,
     )
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +151,7 @@ def evaluate(
     samples_per_prompt: int = 2,
     batch_size: int = 16,
     cache_reference_samples: bool = True,
+    device: torch.device | str = "cpu",
 ) -> tuple[dict[str, float], pd.DataFrame]:
     """Sample from ``policy`` and its reference on ``prompts``; judge, score and summarise.
 
@@ -164,15 +169,15 @@ def evaluate(
     prompt_ids = encode_prompts(tokenizer, prompts)
     m = samples_per_prompt
     expanded = [p for p in prompt_ids for _ in range(m)]
-    knobs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    knobs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "device": device}
     policy_ids = sample_completions(policy, tokenizer, expanded, seed=policy_seed, desc="policy samples", **knobs)
     with ref.active() as reference_model:
         reference_ids = reference_samples(
             reference_model, tokenizer, prompt_ids, samples_per_prompt=m, seed=reference_seed,
             cache=cache_reference_samples, **knobs,
         )  # fmt: skip
-        reference_logps = score_sequences(reference_model, expanded, policy_ids, pad_id, batch_size)
-    policy_logps = score_sequences(policy, expanded, policy_ids, pad_id, batch_size)
+        reference_logps = score_sequences(reference_model, expanded, policy_ids, pad_id, batch_size, device=device)
+    policy_logps = score_sequences(policy, expanded, policy_ids, pad_id, batch_size, device=device)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     rows = []
     for p, messages in enumerate(prompts):

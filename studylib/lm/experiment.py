@@ -4,19 +4,21 @@ One path from a ``RunConfig`` to a result, each step a plain function so a noteb
 them and ``run_experiment`` can do the whole thing (``python -m studylib train --params run.json``, which
 ``accelerate launch`` can start on several GPUs)::
 
-    model, tokenizer = load_policy(config)
-    data = load_preferences(config, model, tokenizer, pool)
+    runtime = make_runtime(config.train.bf16)      # the one owner: device, processes, precision (bf16: auto)
+    model, tokenizer = load_policy(config, runtime)  # on runtime.device
+    data = load_preferences(config, model, tokenizer, pool, runtime)
     loss_fn = build_run_loss(config, data)          # built once; alpha="auto" resolved here
     plan = plan_training(loss_fn, config.online)    # which trainer and rows, from what the loss declares
     claim_run(config)                               # refused if the folder holds other knobs, or is in use
     reference = separate_reference(config, model)  # None under LoRA: the adapters are disabled instead
-    policy, history, info = train_policy(config, loss_fn, plan, model, tokenizer, data, reference)
-    summary, samples = evaluate_policy(config, policy, tokenizer, data, pool, reference)
+    policy, history, info = train_policy(config, loss_fn, plan, model, tokenizer, data, reference, runtime)
+    summary, samples = evaluate_policy(config, policy, tokenizer, data, pool, reference, runtime)
     save_run(config, run_record(...), curves_frame(history), samples, policy, tokenizer)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -29,7 +31,6 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import pandas as pd
-from accelerate import PartialState
 from torch import nn
 
 from studylib.lm.annotators import AnnotatorPool
@@ -51,6 +52,7 @@ from studylib.lm.online import train_online
 from studylib.lm.reference import autocast_context, frozen_copy
 from studylib.lm.reward import attach_reward_margins, load_reward_model, reward_accuracy, train_reward_model
 from studylib.lm.runs import claim_run, release_run, run_flags
+from studylib.lm.runtime import Runtime, make_runtime
 from studylib.lm.synth import build_offline_preferences
 from studylib.lm.tiny import tiny_model, tiny_tokenizer
 from studylib.lm.trainer import train
@@ -106,32 +108,29 @@ def plan_training(loss_fn: Loss, online: bool = False) -> TrainingPlan:
     )
 
 
-def load_policy(config: RunConfig) -> tuple[nn.Module, Any]:
-    """The starting model and its tokenizer (the reference is this model, frozen)."""
+def load_policy(config: RunConfig, runtime: Runtime) -> tuple[nn.Module, Any]:
+    """The starting model, on the run's device, and its tokenizer (the reference is this model, frozen)."""
     if config.model == "tiny":
         tokenizer = tiny_tokenizer()
-        return tiny_model(tokenizer, seed=config.train.seed), tokenizer
-    return load_model(config.model)
+        return runtime.place(tiny_model(tokenizer, seed=config.train.seed)), tokenizer
+    return load_model(config.model, device=runtime.device)
 
 
-def load_preferences(config: RunConfig, model, tokenizer, pool: AnnotatorPool) -> PreferenceData:
-    """The run's preference data: the offline set (sampled from ``model``) or a hub / local data set."""
+def train_config(config: RunConfig, runtime: Runtime):
+    """``config.train`` with ``bf16`` as the runtime decided it (a config may say "auto")."""
+    return dataclasses.replace(config.train, bf16=runtime.bf16)
+
+
+def load_preferences(
+    config: RunConfig, model, tokenizer, pool: AnnotatorPool, runtime: Runtime | None = None
+) -> PreferenceData:
+    """The run's preference data: the offline set (sampled from ``model`` on the runtime's device, by the main
+    process first: the others read its cache) or a hub / local data set."""
     data = config.data
     if data.dataset == "offline":
-        offline = build_offline_preferences(
-            model,
-            tokenizer,
-            model_name=config.model,
-            n_prompts=data.n_prompts,
-            completions_per_prompt=data.completions_per_prompt,
-            max_new_tokens=data.data_max_new_tokens,
-            seed=data.data_seed,
-            eval_fraction=data.eval_fraction,
-            validation_fraction=data.validation_fraction,
-            pool=pool,
-            # a LoRA run in bf16 holds its frozen base, pi_ref, in bf16: sample the data from that model
-            sample_dtype="bfloat16" if config.train.bf16 and config.train.use_lora else None,
-        )
+        runtime = runtime if runtime is not None else make_runtime(config.train.bf16)
+        with runtime.main_process_first():
+            offline = _offline_set(config, model, tokenizer, pool, runtime)
         split = offline.eval_prompts if config.eval.eval_split == "test" else offline.validation_prompts
         if not split:
             raise ValueError(f"eval_split {config.eval.eval_split!r}: the offline set has no such prompts")
@@ -170,6 +169,25 @@ def load_preferences(config: RunConfig, model, tokenizer, pool: AnnotatorPool) -
     return PreferenceData(unpaired, paired, [json.loads(k) for k in eval_prompts], fraction, description)
 
 
+def _offline_set(config: RunConfig, model, tokenizer, pool: AnnotatorPool, runtime: Runtime):
+    data = config.data
+    return build_offline_preferences(
+        model,
+        tokenizer,
+        model_name=config.model,
+        n_prompts=data.n_prompts,
+        completions_per_prompt=data.completions_per_prompt,
+        max_new_tokens=data.data_max_new_tokens,
+        seed=data.data_seed,
+        eval_fraction=data.eval_fraction,
+        validation_fraction=data.validation_fraction,
+        pool=pool,
+        # a LoRA run in bf16 holds its frozen base, pi_ref, in bf16: sample the data from that model
+        sample_dtype="bfloat16" if runtime.bf16 and config.train.use_lora else None,
+        device=runtime.device,
+    )
+
+
 def _hub_splits(config: RunConfig):
     """Training and evaluation rows of a hub data set, and how they were split.
 
@@ -206,11 +224,12 @@ def _pairs(config: RunConfig, data: PreferenceData, tokenizer, loss_fn: Loss) ->
     return tokenize_paired(data.paired, tokenizer, config.data.max_length, config.data.max_prompt_length)
 
 
-def reward_model_for(config: RunConfig, model, tokenizer, pair_rows: list[dict]):
-    """A Bradley-Terry reward model fit on the pairs (90% train, 10% held out), cached on disk.
+def reward_model_for(config: RunConfig, model, tokenizer, pair_rows: list[dict], runtime: Runtime):
+    """A Bradley-Terry reward model fit on the pairs (90% train, 10% held out) on the run's device, cached on disk.
 
-    It belongs to the data, not to the run: it is keyed by the pairs and the model, and fit with
-    ``data_seed``, so every method and seed of a study shares one reward model.
+    It belongs to the data, not to the run: it is keyed by the model, the pairs and every knob of its fit (and a
+    device other than the CPU), and fit with ``data_seed``, so every method and seed of a study shares one reward
+    model. Several processes: the main process fits it first, the others load it.
     """
     train_cfg, data_seed = config.train, config.data.data_seed
     order = list(range(len(pair_rows)))
@@ -218,26 +237,24 @@ def reward_model_for(config: RunConfig, model, tokenizer, pair_rows: list[dict])
     n_eval = max(1, len(order) // 10)
     held_out = [pair_rows[i] for i in order[:n_eval]]
     train_pairs = [pair_rows[i] for i in order[n_eval:]]
-    key = hashlib.sha256(
-        json.dumps([config.model, data_seed, train_cfg.reward_epochs, train_cfg.use_lora, str(pair_rows)]).encode()
-    ).hexdigest()[:16]
+    fit = {
+        "epochs": max(1, round(train_cfg.reward_epochs)),
+        "lr": 1e-4 if train_cfg.use_lora else 2e-5,
+        "batch_size": train_cfg.batch_size,
+        "use_lora": train_cfg.use_lora,
+        "lora_r": train_cfg.lora_r,
+        "lora_alpha": train_cfg.lora_alpha,
+        "seed": data_seed,
+    }
+    device = runtime.device
+    inputs = [config.model, fit, str(pair_rows)] + ([device.type] if device.type != "cpu" else [])
+    key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
     cache = cache_root() / "reward_models" / f"{config.model.replace('/', '--')}-{key}"
-    if (cache / "reward_model.pt").is_file():
-        reward_model = load_reward_model(model, tokenizer, cache)
-    else:
-        reward_model, _ = train_reward_model(
-            model,
-            tokenizer,
-            train_pairs,
-            epochs=max(1, round(train_cfg.reward_epochs)),
-            lr=1e-4 if train_cfg.use_lora else 2e-5,
-            batch_size=train_cfg.batch_size,
-            use_lora=train_cfg.use_lora,
-            lora_r=train_cfg.lora_r,
-            lora_alpha=train_cfg.lora_alpha,
-            seed=data_seed,
-            output_dir=cache,
-        )
+    with runtime.main_process_first():
+        if (cache / "reward_model.pt").is_file():
+            reward_model = load_reward_model(model, tokenizer, cache, device=device)
+        else:
+            reward_model, _ = train_reward_model(model, tokenizer, train_pairs, output_dir=cache, device=device, **fit)
     info = {"reward_accuracy_held_out": reward_accuracy(reward_model, held_out), "reward_pairs": len(train_pairs)}
     return reward_model, info
 
@@ -259,12 +276,15 @@ def train_policy(
     tokenizer,
     data: PreferenceData,
     reference_model: nn.Module | None = None,
+    runtime: Runtime | None = None,
 ):
     """Train with the trainer ``plan`` names; returns (policy, per-step history, what to report).
 
     ``reference_model``: the separate frozen reference of a full fine-tuning run (``separate_reference``; the
-    trainers copy ``model`` if None); LoRA runs use the policy's disabled adapters.
+    trainers copy ``model`` if None); LoRA runs use the policy's disabled adapters. ``runtime``: the run's device,
+    processes and precision (``studylib.lm.runtime``; made from the config if None), handed to every step.
     """
+    runtime = runtime if runtime is not None else make_runtime(config.train.bf16)
     info: dict[str, Any] = {"trainer": plan.trainer}
     pair_rows = None
     if plan.rows == "paired" or plan.reward_model:
@@ -272,7 +292,7 @@ def train_policy(
         info.update({f"pairs/{k}": v for k, v in counts.items()})
     reward_model = None
     if plan.reward_model:
-        reward_model, reward_info = reward_model_for(config, model, tokenizer, pair_rows)
+        reward_model, reward_info = reward_model_for(config, model, tokenizer, pair_rows, runtime)
         info.update(reward_info)
         if plan.rows == "paired":  # soft labels from the reward model on the data set's pairs
             pair_rows = attach_reward_margins(reward_model, pair_rows)
@@ -285,7 +305,7 @@ def train_policy(
             info.update({f"rows/{k}": v for k, v in counts.items()})
         else:
             rows = pair_rows
-        trainer = train(model, tokenizer, rows, loss_fn, config.train, out, reference_model=reference_model)
+        trainer = train(model, tokenizer, rows, loss_fn, config.train, out, reference_model, runtime)
         return trainer.model, [entry for entry in trainer.state.log_history if "loss" in entry], info
     policy, history = train_online(
         model,
@@ -297,6 +317,7 @@ def train_policy(
         pair_rows=pair_rows if plan.pair_rows else None,
         output_dir=out,
         reference_model=reference_model,
+        runtime=runtime,
     )
     return policy, history, info
 
@@ -308,16 +329,23 @@ def separate_reference(config: RunConfig, model: nn.Module) -> nn.Module | None:
 
 
 def evaluate_policy(
-    config: RunConfig, policy, tokenizer, data: PreferenceData, pool: AnnotatorPool, reference: nn.Module | None
+    config: RunConfig,
+    policy,
+    tokenizer,
+    data: PreferenceData,
+    pool: AnnotatorPool,
+    reference: nn.Module | None,
+    runtime: Runtime,
 ) -> tuple[dict, pd.DataFrame]:
-    """``studylib.lm.evaluate.evaluate`` on the run's held-out prompts, seeded by the run's seed.
+    """``studylib.lm.evaluate.evaluate`` on the run's held-out prompts, seeded by the run's seed, on the runtime's
+    device (where training left the policy and its reference).
 
     A bf16 run is evaluated as it was trained: under ``autocast_context`` (bf16 autocast, peft's adapter input
     casting off), the numerics its loss and its on-policy samples saw. (Without it the adapters would run in
     float32: the same policy up to rounding, per-sequence log-probs differing by 0.37 nats sd on the 135M model,
     and the evaluation about a tenth slower: ``bench/eval_cost.py``.)
     """
-    with autocast_context(policy, config.train):
+    with autocast_context(policy, train_config(config, runtime), runtime.device):
         return evaluate(
             policy,
             tokenizer,
@@ -328,6 +356,7 @@ def evaluate_policy(
             seed=config.train.seed,
             samples_per_prompt=config.eval.eval_samples_per_prompt,
             batch_size=config.train.generation_batch_size,
+            device=runtime.device,
         )
 
 
@@ -345,9 +374,11 @@ def run_record(
     info: dict,
     summary: dict,
     seconds: dict[str, float],
+    runtime: Runtime,
 ) -> dict:
     """What ``metrics.json`` holds: the evaluation summary, the run's facts, its flags (``runs.run_flags``: a
-    collapsed or drifted run is warned about and marked) and its flat parameters."""
+    collapsed or drifted run is warned about and marked), where and in what precision it ran (``runtime``: bf16
+    and why, the device, the processes) and its flat parameters."""
     steps = int(curves["step"].max()) if len(curves) else 0
     return {
         **summary,
@@ -362,6 +393,7 @@ def run_record(
         "steps_per_second": steps / max(seconds["train"], 1e-9),
         "data": data.description,
         "training": info,
+        "runtime": runtime.record(),
         "params": {**config.to_flat(), "run": config.name()},
     }
 
@@ -412,27 +444,38 @@ def run_experiment(config: RunConfig) -> dict:
     process holds it). Under ``accelerate launch`` (several GPUs) every process trains; only the main process
     evaluates and saves.
     """
-    main_process = PartialState().is_main_process
-    model, tokenizer = load_policy(config)
+    runtime = make_runtime(config.train.bf16)
+    main_process = runtime.is_main_process
+    if main_process:
+        print(f"device {runtime.device}, {runtime.num_processes} process(es); {describe_precision(runtime)}")
+    model, tokenizer = load_policy(config, runtime)
     pool = AnnotatorPool(seed=0)
-    data = load_preferences(config, model, tokenizer, pool)
+    data = load_preferences(config, model, tokenizer, pool, runtime)
     loss_fn = build_run_loss(config, data)
     plan = plan_training(loss_fn, config.online)
     if main_process:
         claim_run(config)
+    runtime.wait_for_everyone()  # no process writes into the folder before the main process has claimed it
     try:
         reference = separate_reference(config, model)
         (policy, history, info), train_seconds = timed(
-            train_policy, config, loss_fn, plan, model, tokenizer, data, reference
+            train_policy, config, loss_fn, plan, model, tokenizer, data, reference, runtime
         )
         if not main_process:
             return {}
-        (summary, samples), eval_seconds = timed(evaluate_policy, config, policy, tokenizer, data, pool, reference)
+        (summary, samples), eval_seconds = timed(
+            evaluate_policy, config, policy, tokenizer, data, pool, reference, runtime
+        )
         curves = curves_frame(history)
         seconds = {"train": train_seconds, "eval": eval_seconds}
-        record = run_record(config, loss_fn, data, curves, info, summary, seconds)
+        record = run_record(config, loss_fn, data, curves, info, summary, seconds, runtime)
         save_run(config, record, curves, samples, policy, tokenizer)
         return record
     finally:
         if main_process:
             release_run(config)
+
+
+def describe_precision(runtime: Runtime) -> str:
+    """One line: the precision the run computes in, and why (``Runtime.precision``)."""
+    return f"{'bf16' if runtime.bf16 else 'float32'} ({runtime.precision})"

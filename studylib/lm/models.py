@@ -143,7 +143,8 @@ def load_model(
     - anything else is a Hugging Face hub id, loaded with ``from_pretrained`` (network or the HF cache).
 
     ``dtype`` defaults to float32 for local/embedded models and to the checkpoint's own for hub models
-    (``"auto"``); ``device`` moves the model. The tokenizer always has a pad token (EOS if it had none).
+    (``"auto"``); ``device`` (the run's ``Runtime.device``; default the CPU) is where the model is put. The
+    tokenizer always has a pad token (EOS if it had none).
     Raises ``ModelNotFoundError`` with what to do when the model is neither local nor downloadable.
     """
     models_dir = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "models"
@@ -179,9 +180,9 @@ def load_model(
             ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if device is not None:
-        model = model.to(device)
-    if next(model.parameters()).device.type == "cpu" and model.config._attn_implementation == "sdpa":
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    model = model.to(device)
+    if device.type == "cpu" and model.config._attn_implementation == "sdpa":
         # Measured (bench/profile_step.py, 3 bf16 RDRO steps on the 135M model, ~90-token rows, 2 cores): PyTorch's
         # CPU flash-attention backward took 14% of the CPU time; matmul attention cut it from 5.41 to 4.76 s.
         model.set_attn_implementation("eager")

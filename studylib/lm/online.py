@@ -30,17 +30,21 @@ checkpoint (trainable parameters, optimiser, schedule, step, RNG state, history)
 resumes from the latest one; prompts and sampling seeds depend only on ``(seed, step)``, so a resumed run
 repeats the uninterrupted one.
 
-**Several processes** (``accelerate launch``; the process group is set up here as transformers' ``Trainer`` sets
-it up). Every process draws the whole step's samples (the same weights and seeds: the one-process draws), scores
-its contiguous share of the rows (rewards, policy and reference log-probs), and gathers the whole step's
-per-row values (``batching.gather_rows``): each computes the one-process loss of the whole step, so RLOO's group
-means, the KL estimate and every metric are those of one process. The gradients through each process's rows add
-up to the whole step's (``batching.sum_gradients``), and every process takes the same optimiser step. Sampling is
-repeated on every process; the forward and backward passes are split. The main process writes the checkpoints.
+**Device, precision, processes**: the run's ``Runtime`` (``studylib.lm.runtime``, made from ``config.bf16`` when
+none is given): the policy, its reference and every batch live on ``runtime.device``; bf16 is its decision.
+
+**Several processes** (``accelerate launch``; the process group is the runtime's). Every process draws the whole
+step's samples (the same weights and seeds: the one-process draws), scores its contiguous share of the rows
+(rewards, policy and reference log-probs), and gathers the whole step's per-row values (``batching.gather_rows``):
+each computes the one-process loss of the whole step, so RLOO's group means, the KL estimate and every metric are
+those of one process. The gradients through each process's rows add up to the whole step's
+(``batching.sum_gradients``), and every process takes the same optimiser step. Sampling is repeated on every
+process; the forward and backward passes are split. The main process writes the checkpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -51,7 +55,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
@@ -67,6 +70,7 @@ from studylib.lm.batching import (
 )
 from studylib.lm.config import TrainConfig, record_training_config
 from studylib.lm.reference import autocast_context, policy_and_reference
+from studylib.lm.runtime import Runtime, make_runtime
 from studylib.lm.sampling import sample_completions
 from studylib.losses import Loss
 from studylib.losses.on_policy import leave_one_out_advantages
@@ -119,12 +123,15 @@ class OnlineTrainer:
         pair_rows: Sequence[dict] | None = None,
         output_dir: str | Path | None = None,
         reference_model: nn.Module | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
+        self.runtime = runtime if runtime is not None else make_runtime(config.bf16)
+        self.device = self.runtime.device
+        config = dataclasses.replace(config, bf16=self.runtime.bf16)
         self.config, self.tokenizer, self.loss_fn, self.reward_fn = config, tokenizer, loss_fn, reward_fn
         self.pair_rows = list(pair_rows) if pair_rows else None
         self.prompt_ids = [list(p) for p in prompt_ids] if prompt_ids else None
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        PartialState()  # under accelerate launch: the process group (one process: nothing)
         self.rank, self.processes = process_group()
         self._check_inputs()
         if config.training_args:
@@ -134,7 +141,9 @@ class OnlineTrainer:
                 stacklevel=2,
             )
         self.pad_id = pad_token_id(tokenizer)
-        self.policy, self.reference = policy_and_reference(model, config, loss_fn.needs_reference, reference_model)
+        self.policy, self.reference = policy_and_reference(
+            model, config, loss_fn.needs_reference, reference_model, self.device
+        )
         self.policy.train()
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=0.0)
@@ -187,12 +196,12 @@ class OnlineTrainer:
             max_new_tokens=cfg.max_new_tokens,
             seed=seed,
             batch_size=cfg.generation_batch_size,
+            device=self.device,
         )
 
     def _logps(self, prompts: list[list[int]], completions: list[list[int]]) -> tuple[Tensor, Tensor | None]:
         """Policy log-probs (with gradients) and reference log-probs (without; None for a reference-free loss)."""
-        device = next(self.policy.parameters()).device
-        batch = {k: v.to(device) for k, v in pad_sequences(prompts, completions, self.pad_id).items()}
+        batch = {k: v.to(self.device) for k, v in pad_sequences(prompts, completions, self.pad_id).items()}
         return model_logps(self.policy, batch), None if self.reference is None else self.reference.logps(batch)
 
     def _rewards(self, prompts: list[list[int]], completions: list[list[int]]) -> Tensor:
@@ -221,7 +230,7 @@ class OnlineTrainer:
         mine = process_share(len(prompts))
         rewards = self._rewards(prompts[mine], completions[mine])
         policy, reference = self._logps(prompts[mine], completions[mine])
-        policy, reference, rewards = gather_rows(policy, reference, rewards.to(policy.device))
+        policy, reference, rewards = gather_rows(policy, reference, rewards.to(self.device))
         loss, metrics = self.loss_fn(policy, reference, rewards, samples_per_prompt=k)
         return loss, metrics, completions
 
@@ -232,7 +241,7 @@ class OnlineTrainer:
         mine = process_share(len(prompts))
         rewards = self._rewards(prompts[mine], completions[mine])
         policy, reference = self._logps(prompts[mine], completions[mine])
-        policy, reference, rewards = gather_rows(policy, reference, rewards.to(policy.device))
+        policy, reference, rewards = gather_rows(policy, reference, rewards.to(self.device))
         kl = {"kl_penalty": kl_estimate(policy, reference, 2)} if self.loss_fn.kl_coefficient > 0 else {}
         loss, metrics = self.loss_fn(policy[0::2], policy[1::2], reward_margins=rewards[0::2] - rewards[1::2], **kl)
         metrics["rewards/mean"] = rewards.mean()
@@ -244,7 +253,7 @@ class OnlineTrainer:
         rows = [self.pair_rows[i] for i in _batch_order(len(self.pair_rows), cfg.prompts_per_step, self.step, cfg.seed)]
         mine = rows[process_share(len(rows))]
         prompts = [r["prompt_ids"] for r in mine]
-        device = next(self.policy.parameters()).device
+        device = self.device
         completions = [r["chosen_ids"] for r in mine] + [r["rejected_ids"] for r in mine]
         batch = {k: v.to(device) for k, v in pad_sequences(prompts + prompts, completions, self.pad_id).items()}
         chosen_logps, rejected_logps = model_logps(self.policy, batch, self.loss_fn.length_normalized).chunk(2)
@@ -272,17 +281,15 @@ class OnlineTrainer:
         start = time.perf_counter()
         seed = self.config.seed * 1_000_003 + self.step
         try:
-            with autocast_context(self.policy, self.config):
+            with autocast_context(self.policy, self.config, self.device):
                 loss, metrics, completions = self._step_loss(seed)
-        except ValueError as err:  # a loss's check that log-probs hold no NaN: divergence; anything else is not
-            if "NaN" not in str(err):
-                raise
-            raise FloatingPointError(f"on-policy step {self.step + 1}: {err}") from err
-        except RuntimeError as err:  # torch's sampler on non-finite probabilities
-            if "inf" not in str(err) and "nan" not in str(err):
+        except (ValueError, RuntimeError) as err:  # divergence if the weights say so, never read from the message
+            bad = [name for name, p in self.policy.named_parameters() if p.requires_grad and not p.isfinite().all()]
+            if not bad:
                 raise
             raise FloatingPointError(
-                f"on-policy step {self.step + 1}: sampling failed, the policy's probabilities are not finite ({err})"
+                f"on-policy training diverged at step {self.step + 1}: {len(bad)} trained weight tensor(s) are not "
+                f"finite (first: {bad[0]}), so the policy's log-probs and samples are not ({type(err).__name__}: {err})"
             ) from err
         self._stop_if_not_finite("the loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
@@ -331,7 +338,8 @@ class OnlineTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "history": self.history,
+            "history": json.dumps(self.history),
+            "loss_state": self.loss_fn.state_dict(),  # BCO's running mean; {} for a loss without state
         }
         target = out / f"checkpoint-{self.step}"
         with atomic_directory(target) as tmp:
@@ -346,15 +354,16 @@ class OnlineTrainer:
         checkpoints = _checkpoints(out)
         if not checkpoints:
             return False
-        state = torch.load(checkpoints[-1] / "state.pt", weights_only=False)
+        state = torch.load(checkpoints[-1] / "state.pt", map_location=self.device, weights_only=True)
         named = dict(self.policy.named_parameters())
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 named[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        self.step, self.history = state["step"], state["history"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.loss_fn.load_state_dict(state["loss_state"])
+        self.step, self.history = state["step"], json.loads(state["history"])
         return True
 
 
@@ -373,6 +382,7 @@ def train_online(
     pair_rows: Sequence[dict] | None = None,
     output_dir: str | Path | None = None,
     reference_model: nn.Module | None = None,
+    runtime: Runtime | None = None,
 ) -> tuple[PreTrainedModel, list[dict]]:
     """Train ``model`` on-policy with ``loss_fn``; returns the policy (PEFT-wrapped under LoRA) and its history.
 
@@ -382,6 +392,7 @@ def train_online(
     entry has ``step``, ``loss``, ``grad_norm``, ``learning_rate``, the loss's metrics (TRL names; ``kl`` is
     the sample estimate of ``KL(pi || pi_0)``), ``completions/mean_length`` and ``step_seconds``.
     ``reference_model``: the frozen reference under full fine-tuning (a copy of ``model`` if None).
+    ``runtime``: the run's device, processes and precision (made from ``config.bf16`` if None).
     """
     trainer = OnlineTrainer(
         model,
@@ -393,6 +404,7 @@ def train_online(
         pair_rows=pair_rows,
         output_dir=output_dir,
         reference_model=reference_model,
+        runtime=runtime,
     )
     history = trainer.train()
     return trainer.policy, history

@@ -60,9 +60,14 @@ class Reference:
 
 
 def policy_and_reference(
-    model: nn.Module, config: TrainConfig, needs_reference: bool, reference_model: nn.Module | None = None
+    model: nn.Module,
+    config: TrainConfig,
+    needs_reference: bool,
+    reference_model: nn.Module | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[nn.Module, Reference | None]:
-    """The trainable policy and its reference, as both trainers set them up.
+    """The trainable policy and its reference, as both trainers set them up, both on ``device`` (the run's
+    ``Runtime.device``).
 
     Seeds torch with ``config.seed`` (LoRA's initial weights); under LoRA the policy is ``model`` with fresh
     adapters and the reference is the policy with them disabled; under full fine-tuning the policy is ``model``
@@ -78,8 +83,7 @@ def policy_and_reference(
     torch.manual_seed(config.seed)
     if config.use_lora:
         reference_model = None
-        if config.bf16:
-            model = model.to(torch.bfloat16)
+        model = model.to(device, torch.bfloat16) if config.bf16 else model.to(device)
         model = add_lora(
             model,
             r=config.lora_r,
@@ -88,11 +92,11 @@ def policy_and_reference(
             target_modules=config.lora_target_modules,
         )
     else:
-        model = model.float()
+        model = model.to(device, torch.float32)
         if needs_reference and reference_model is None:
             reference_model = frozen_copy(model)
         if reference_model is not None:
-            reference_model = reference_model.float()
+            reference_model = reference_model.to(device, torch.float32)
     return model, (Reference(model, reference_model) if needs_reference else None)
 
 
@@ -108,13 +112,14 @@ def adapter_input_casting_off(model: nn.Module) -> AbstractContextManager:
     return disable_input_dtype_casting(unwrap(model))
 
 
-def autocast_context(model: nn.Module, config: TrainConfig) -> AbstractContextManager:
-    """For a bf16 run: bf16 autocast (float32 trained weights, bf16 matmuls) with ``adapter_input_casting_off``;
-    otherwise nothing. (The offline trainer gets the same from ``AlignmentTrainer.compute_loss_context_manager``.)
+def autocast_context(model: nn.Module, config: TrainConfig, device: torch.device | str) -> AbstractContextManager:
+    """For a bf16 run: bf16 autocast on ``device`` (the run's; float32 trained weights, bf16 matmuls) with
+    ``adapter_input_casting_off``; otherwise nothing. (The offline trainer gets the same from
+    ``AlignmentTrainer.compute_loss_context_manager``.)
     """
     if not config.bf16:
         return nullcontext()
     stack = ExitStack()
-    stack.enter_context(torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16))
+    stack.enter_context(torch.autocast(torch.device(device).type, dtype=torch.bfloat16))
     stack.enter_context(adapter_input_casting_off(model))
     return stack

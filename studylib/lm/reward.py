@@ -43,24 +43,30 @@ class RewardModel(nn.Module):
     The reward of a row is the head applied to the final hidden state of its last non-pad token.
     """
 
-    def __init__(self, backbone: nn.Module, hidden_size: int, pad_id: int, seed: int = 0) -> None:
+    def __init__(
+        self, backbone: nn.Module, hidden_size: int, pad_id: int, seed: int = 0, device: torch.device | str = "cpu"
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(hidden_size, 1)
         self.pad_id = pad_id
+        self.device = torch.device(device)  # where it lives and builds its batches: the run's Runtime.device
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             self.head.weight.copy_(torch.randn(1, hidden_size, generator=generator) / math.sqrt(hidden_size))
             self.head.bias.zero_()
+        self.to(self.device)
 
     @classmethod
-    def from_causal_lm(cls, model: PreTrainedModel, pad_id: int, seed: int = 0) -> RewardModel:
-        """A reward model on a deep copy of ``model.base_model`` (the base transformer); ``model`` is untouched."""
+    def from_causal_lm(
+        cls, model: PreTrainedModel, pad_id: int, seed: int = 0, device: torch.device | str = "cpu"
+    ) -> RewardModel:
+        """A reward model on a deep copy of ``model.base_model`` (the base transformer), placed on ``device``;
+        ``model`` is untouched."""
         if getattr(model, "peft_config", None):
             raise ValueError("pass the plain reference model, not a PEFT-wrapped policy")
         backbone = copy.deepcopy(model.base_model)
-        device = next(model.parameters()).device
-        return cls(backbone, model.config.hidden_size, pad_id, seed).to(device)
+        return cls(backbone, model.config.hidden_size, pad_id, seed, device)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """Rewards (float32, one per row) of a padded batch: the head on each row's last real token."""
@@ -73,15 +79,15 @@ class RewardModel(nn.Module):
 
     def rewards(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> Tensor:
         """Rewards of (prompt, completion) token rows, as one padded batch (gradients flow if enabled)."""
-        device = self.head.weight.device
         batch = pad_sequences(prompts, completions, self.pad_id)
-        return self(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")))
+        return self(*(batch[k].to(self.device) for k in ("input_ids", "attention_mask", "position_ids")))
 
     @torch.no_grad()
     def score(
         self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], batch_size: int = 16
     ) -> Tensor:
-        """Rewards of many rows on CPU, in eval mode and batches: usable as ``reward_fn`` in ``studylib.lm.online``."""
+        """Rewards of many rows, returned on the CPU, in eval mode and batches: a ``reward_fn`` for
+        ``studylib.lm.online``."""
         was_training = self.training
         self.eval()
         out = [
@@ -142,6 +148,7 @@ def train_reward_model(
     max_grad_norm: float = 10.0,
     seed: int = 0,
     output_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[RewardModel, list[dict]]:
     """Fit a Bradley-Terry reward model on a copy of ``model``'s backbone; ``model`` is not modified.
 
@@ -149,14 +156,14 @@ def train_reward_model(
     AdamW (no weight decay), constant ``lr``, shuffled minibatches (seeded). History: one entry per step
     (``step``, ``epoch``, ``loss``, ``accuracy``, ``grad_norm``) and, with ``eval_rows``, one per epoch with
     ``eval_accuracy``. With ``output_dir``, writes ``reward_model.pt`` (state dict) and ``reward_history.json``.
-    Returns the reward model in eval mode with frozen parameters (LoRA merged).
+    Returns the reward model in eval mode with frozen parameters (LoRA merged), on ``device`` (the run's).
     """
     if not pair_rows:
         raise ValueError("no training pairs")
     missing = [k for k in ("prompt_ids", "chosen_ids", "rejected_ids") if k not in pair_rows[0]]
     if missing:
         raise ValueError(f"reward model training needs paired rows; the rows lack {missing}")
-    reward_model = RewardModel.from_causal_lm(model, pad_token_id(tokenizer), seed)
+    reward_model = RewardModel.from_causal_lm(model, pad_token_id(tokenizer), seed, device)
     reward_model.backbone.requires_grad_(True)
     if use_lora:  # seeded adapter init, global RNG untouched
         reward_model.backbone = add_lora(reward_model.backbone, r=lora_r, alpha=lora_alpha, task_type=None, seed=seed)
@@ -208,12 +215,13 @@ def train_reward_model(
     return reward_model, history
 
 
-def load_reward_model(model: PreTrainedModel, tokenizer, path: str | Path) -> RewardModel:
-    """A reward model saved by ``train_reward_model(output_dir=...)``, rebuilt on a copy of ``model``'s backbone."""
-    reward_model = RewardModel.from_causal_lm(model, pad_token_id(tokenizer))
+def load_reward_model(
+    model: PreTrainedModel, tokenizer, path: str | Path, device: torch.device | str = "cpu"
+) -> RewardModel:
+    """A reward model saved by ``train_reward_model(output_dir=...)``, rebuilt on a copy of ``model``'s backbone,
+    on ``device``."""
+    reward_model = RewardModel.from_causal_lm(model, pad_token_id(tokenizer), device=device)
     path = Path(path)
-    state = torch.load(
-        path / "reward_model.pt" if path.is_dir() else path, map_location=next(model.parameters()).device
-    )
+    state = torch.load(path / "reward_model.pt" if path.is_dir() else path, map_location=device, weights_only=True)
     reward_model.load_state_dict(state)
     return reward_model.eval().requires_grad_(False)

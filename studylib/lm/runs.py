@@ -2,10 +2,8 @@
 
 - ``claim_run``: before anything is written, refuse a folder that holds a run with other knobs (it would
   resume that run's checkpoints) and a run that another live process holds; then save the resolved
-  configuration (``run_config.json``) and take the lock. A killed run leaves its lock behind, but with a dead
-  process id, so the next claim takes it over: nothing stays stuck. (Two processes that find the same dead
-  lock at the same instant can both take it over, and a dead holder's id reused by a new process keeps the
-  lock held: both rare; delete ``.lock`` by hand in the second case.)
+  configuration (``run_config.json``) and take the lock (``filelock``: an OS lock, which the OS drops when its
+  holder ends, so a killed run leaves nothing stuck).
 - ``release_run``: drop the lock once the run is saved.
 - ``run_flags``: what a finished run's numbers say went wrong (gradients collapsed to zero, a KL past a bound).
 """
@@ -13,12 +11,11 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 import warnings
 from pathlib import Path
 
 import pandas as pd
+from filelock import FileLock, Timeout
 
 from studylib.lm.config import RunConfig, check_resumable
 from studylib.results import write_atomic
@@ -28,50 +25,26 @@ KL_BOUND = 20.0
 """Nats per completion: a policy this far from its reference has drifted, whatever its win rate (flagged)."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-CLAIM_SECONDS = 30.0
-"""A lock file without a readable process id this young is another process's claim being written: held."""
+_HELD: dict[Path, FileLock] = {}
 
 
 def _acquire(lock: Path) -> None:
-    """Create ``lock`` holding this process's id, atomically (written beside it, then hard-linked into place, so
-    a reader never sees it empty); refuse while its holder lives, take it over once its holder is gone."""
-    mine = lock.with_name(f"{lock.name}.{os.getpid()}")
-    mine.write_text(str(os.getpid()))
+    """Hold ``lock`` (an OS file lock, ``filelock``) for this process, or refuse at once while another holds it.
+    The OS drops the lock when its holder ends, however it ends (a SIGKILLed run leaves nothing stuck)."""
+    if lock in _HELD:
+        return
+    held = FileLock(lock, timeout=0)
     try:
-        while True:
-            try:
-                os.link(mine, lock)
-                return
-            except FileExistsError:
-                pass
-            try:
-                text, age = lock.read_text().strip(), time.time() - lock.stat().st_mtime
-            except FileNotFoundError:
-                continue  # released meanwhile: try again
-            pid = int(text) if text.isdigit() else 0
-            if (pid and pid != os.getpid() and _alive(pid)) or (not pid and age < CLAIM_SECONDS):
-                raise RuntimeError(
-                    f"run {lock.parent.name} is in progress in process {pid or 'unknown'} (lock {lock}): "
-                    "wait for it to finish, or stop it"
-                ) from None
-            lock.unlink(missing_ok=True)  # left by a killed run (or by this process): take it over
-    finally:
-        mine.unlink(missing_ok=True)
+        held.acquire()
+    except Timeout:
+        raise RuntimeError(
+            f"run {lock.parent.name} is in progress in another process (lock {lock}): wait for it to finish, or stop it"
+        ) from None
+    _HELD[lock] = held
 
 
 def claim_run(config: RunConfig) -> Path:
     """Check, lock and describe the run's folder before anything else is written there; returns the folder."""
-    config.check_machine()
     run_dir = config.run_dir()
     check_resumable(run_dir / "run_config.json", config.identity())
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -81,8 +54,11 @@ def claim_run(config: RunConfig) -> Path:
 
 
 def release_run(config: RunConfig) -> None:
-    """Drop the run's lock (after it is saved, or when it stops)."""
-    (config.run_dir() / LOCK_NAME).unlink(missing_ok=True)
+    """Drop the run's lock (after it is saved, or when it stops); the empty lock file stays (deleting it would let
+    two later claims lock two different files)."""
+    held = _HELD.pop(config.run_dir() / LOCK_NAME, None)
+    if held is not None:
+        held.release(force=True)
 
 
 def run_flags(curves: pd.DataFrame, summary: dict, min_steps: int = 3) -> list[str]:

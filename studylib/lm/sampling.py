@@ -35,9 +35,10 @@ def _sample_batch(
     eos_id: int,
     max_new_tokens: int,
     temperature: float,
+    device: torch.device,
 ) -> list[list[int]]:
-    """One sample per prompt of a left-padded batch: each row's new tokens, cut after the first EOS."""
-    device = next(model.parameters()).device
+    """One sample per prompt of a left-padded batch (built on ``device``): each row's new tokens, cut after the
+    first EOS."""
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
@@ -69,11 +70,13 @@ def sample_completions(
     temperature: float = 1.0,
     batch_size: int = 16,
     desc: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> list[list[int]]:
     """One sampled completion (token ids) per prompt, under the module's seeding and EOS rules.
 
     ``prompt_ids``: chat-templated prompt tokens (``studylib.lm.data.encode_prompt``). ``desc``: a progress
-    bar's label (None: no bar). The model is put in eval mode while sampling and restored after.
+    bar's label (None: no bar). ``device``: where ``model`` is (the run's ``Runtime.device``); the batches are
+    built there. The model is put in eval mode while sampling and restored after.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -81,17 +84,17 @@ def sample_completions(
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("a prompt to sample from is empty")
-    device = next(model.parameters()).device
+    device = torch.device(device)
     pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     completions: list[list[int]] = []
     starts = range(0, len(prompt_ids), batch_size)
     for b, start in enumerate(tqdm(starts, desc=desc, disable=desc is None)):
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(batch_seed(seed, b))
             completions += _sample_batch(
-                model, prompt_ids[start : start + batch_size], pad_id, eos_id, max_new_tokens, temperature
+                model, prompt_ids[start : start + batch_size], pad_id, eos_id, max_new_tokens, temperature, device
             )
     model.train(was_training)
     return completions

@@ -72,6 +72,7 @@ def sample_ids_and_texts(
     seed: int,
     batch_size: int = 16,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> list[tuple[list[int], str]]:
     """One sampled completion per prompt (``studylib.lm.sampling``): its token ids as sampled (EOS only if the model
     produced it) and its text for the annotators (decoded without special tokens, stripped)."""
@@ -85,6 +86,7 @@ def sample_ids_and_texts(
         temperature=temperature,
         batch_size=batch_size,
         desc="sampling completions" if progress else None,
+        device=device,
     )
     return [(ids, tokenizer.decode(ids, skip_special_tokens=True).strip()) for ids in completions]
 
@@ -193,11 +195,14 @@ def build_offline_preferences(
     prompts_path: str | Path | None = None,
     progress: bool = True,
     sample_dtype: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> OfflinePreferences:
     """Build (or load from cache) the offline preference data; see the module docstring.
 
     ``sample_dtype`` ("bfloat16"): sample from a copy of ``model`` in that dtype, the reference a run with a bf16
-    frozen base computes (LoRA with ``bf16: true``); None: ``model`` as it is.
+    frozen base computes (LoRA with ``bf16: true``); None: ``model`` as it is. ``device``: where ``model`` is (the
+    run's ``Runtime.device``); samples are drawn there (a device other than the CPU is part of the cache key: its
+    random streams differ).
 
     ``model``/``tokenizer`` may be ``None`` when the data are cached. ``pool`` defaults to
     ``AnnotatorPool(seed=0)`` (the same pool must judge evaluation). ``cache_dir`` defaults to
@@ -233,6 +238,8 @@ def build_offline_preferences(
         "sample_dtype": sample_dtype,
         "prompts_sha256": hashlib.sha256(prompt_file.read_bytes()).hexdigest(),
     }
+    if torch.device(device).type != "cpu":
+        config["device"] = torch.device(device).type
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "offline_prefs"
     target = root / f"{model_name.replace('/', '--')}-{_config_hash(config)}"
     if (target / "meta.json").is_file():
@@ -256,6 +263,7 @@ def build_offline_preferences(
         seed=seed,
         batch_size=batch_size,
         progress=progress,
+        device=device,
     )
     eos = tokenizer.eos_token_id
     rng = np.random.default_rng([seed, SYNTH_VERSION])

@@ -25,6 +25,7 @@ processes' gradients is their sum, the whole micro-batch's gradient (``batching.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -34,8 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import PreTrainedModel, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from studylib.lm.batching import (
     BATCH_KEYS,
@@ -48,21 +49,23 @@ from studylib.lm.batching import (
 )
 from studylib.lm.config import TrainConfig, check_training_args, record_training_config
 from studylib.lm.reference import Reference, adapter_input_casting_off, autocast_context, policy_and_reference
+from studylib.lm.runtime import Runtime, make_runtime
 from studylib.losses import Loss
 from studylib.results import write_atomic
 
 
-def training_arguments(config: TrainConfig, output_dir: str | Path) -> TrainingArguments:
+def training_arguments(config: TrainConfig, output_dir: str | Path, runtime: Runtime) -> TrainingArguments:
     """transformers' arguments for a run (``warmup_ratio`` as a fraction of the total steps), then
-    ``config.training_args`` (any other field: ``report_to``, ``gradient_checkpointing``, ``push_to_hub``, ...)."""
+    ``config.training_args`` (any other field: ``report_to``, ``gradient_checkpointing``, ``push_to_hub``, ...).
+    ``bf16`` is the runtime's decision (``config.bf16`` may say "auto"); ``use_cpu`` when the run's device is a CPU."""
     check_training_args(config.training_args)
     defaults = {
         "save_total_limit": 2,
         "report_to": "none",
         "disable_tqdm": False,
         "dataloader_num_workers": 0,
-        "dataloader_pin_memory": torch.cuda.is_available(),
-        "use_cpu": config.bf16 and not torch.cuda.is_available(),  # transformers' bf16 check wants it on a CPU
+        "dataloader_pin_memory": runtime.device.type == "cuda",
+        "use_cpu": runtime.device.type == "cpu",
     }
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -78,7 +81,7 @@ def training_arguments(config: TrainConfig, output_dir: str | Path) -> TrainingA
         save_steps=config.checkpoint_every(),
         seed=config.seed,
         data_seed=config.seed,
-        bf16=config.bf16,  # autocast; the frozen weights are bf16 themselves (reference.policy_and_reference)
+        bf16=runtime.bf16,  # autocast; the frozen weights are bf16 themselves (reference.policy_and_reference)
         remove_unused_columns=False,
         **(defaults | config.training_args),
     )
@@ -129,6 +132,22 @@ class AlignmentCollator:
             if "ref_kl_logps" in rows[0]:
                 batch["ref_kl_logps"] = torch.tensor([r["ref_kl_logps"] for r in rows])
         return batch
+
+
+LOSS_STATE = "loss_state.json"
+
+
+class LossStateCallback(TrainerCallback):
+    """Writes the loss's state (BCO's running mean: ``Loss.state_dict``) into each checkpoint the ``Trainer`` saves;
+    ``train`` reads it back when it resumes from that checkpoint."""
+
+    def __init__(self, loss_fn: Loss) -> None:
+        self.loss_fn = loss_fn
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            write_atomic(folder / LOSS_STATE, json.dumps(self.loss_fn.state_dict()))
 
 
 def attach_mismatched_completions(rows: list[dict], seed: int) -> list[dict]:
@@ -256,20 +275,29 @@ def _rows_key(rows: list[dict], kind: str, average: bool) -> str:
 
 
 def attach_reference_logps(
-    reference: Reference, rows: list[dict], loss_fn: Loss, pad_id: int, batch_size: int, output_dir: str | Path
+    reference: Reference,
+    rows: list[dict],
+    loss_fn: Loss,
+    pad_id: int,
+    batch_size: int,
+    output_dir: str | Path,
+    device: torch.device | str = "cpu",
 ) -> list[dict]:
     """Copies of ``rows`` with the reference's log-probs (``ref_logps``; paired rows: chosen then rejected,
-    as ``ref_logps`` of the collated batch), computed once and cached in ``output_dir``."""
+    as ``ref_logps`` of the collated batch), computed once on ``device`` (where the reference is: the run's) and
+    cached in ``output_dir``."""
     average = loss_fn.length_normalized
     cache = Path(output_dir) / f"reference_logps-{_rows_key(rows, loss_fn.kind, average)}.pt"
     prompts = [r["prompt_ids"] for r in rows]
     if cache.exists():
-        cached = torch.load(cache)
+        cached = torch.load(cache, weights_only=True)
     else:
         with reference.active() as model:
 
             def score(completions: list) -> torch.Tensor:
-                return score_sequences(model, prompts, completions, pad_id, batch_size, average, "reference log-probs")
+                return score_sequences(
+                    model, prompts, completions, pad_id, batch_size, average, "reference log-probs", device
+                )
 
             if loss_fn.kind == "paired":
                 cached = {
@@ -343,6 +371,7 @@ def build_trainer(
     config: TrainConfig,
     output_dir: str | Path,
     reference_model: nn.Module | None = None,
+    runtime: Runtime | None = None,
 ) -> AlignmentTrainer:
     """An ``AlignmentTrainer`` ready to train ``model`` on token rows (reference log-probs attached if precomputed).
 
@@ -352,17 +381,24 @@ def build_trainer(
     for unpaired rows). Checkpoints and the cached reference log-probs go to ``output_dir``.
     ``reference_model``: the frozen reference under full fine-tuning (a copy of ``model`` is made if None and
     the loss needs one); LoRA runs use the policy with its adapters disabled.
+    ``runtime``: the run's device, processes and precision (``studylib.lm.runtime``; made from ``config.bf16`` if
+    None). The policy and the reference are placed on its device before anything runs, so the reference log-probs
+    are computed there, under the training's autocast, by the main process first (the others then read its cache).
     """
     check_rows(rows, loss_fn)
+    runtime = runtime if runtime is not None else make_runtime(config.bf16)
+    config = dataclasses.replace(config, bf16=runtime.bf16)
     pad_id = pad_token_id(tokenizer)
-    model, reference = policy_and_reference(model, config, loss_fn.needs_reference, reference_model)
+    model, reference = policy_and_reference(model, config, loss_fn.needs_reference, reference_model, runtime.device)
     record_training_config(output_dir, loss_fn, config)  # never resume another run's checkpoints
     if loss_fn.mismatched_pairs:
         rows = attach_mismatched_completions(rows, config.seed)
-    args = training_arguments(config, output_dir)
+    args = training_arguments(config, output_dir, runtime)
     if loss_fn.uses_reference and uses_precomputed_reference(config, len(rows), args.world_size):
-        with autocast_context(model, config):  # as the policy computes its log-probs in training
-            rows = attach_reference_logps(reference, rows, loss_fn, pad_id, config.reference_batch_size, output_dir)
+        batch_size = config.reference_batch_size
+        # as the policy computes its log-probs in training; the main process fills the cache, the others read it
+        with runtime.main_process_first(), autocast_context(model, config, runtime.device):
+            rows = attach_reference_logps(reference, rows, loss_fn, pad_id, batch_size, output_dir, runtime.device)
     return AlignmentTrainer(
         model=model,
         args=args,
@@ -370,6 +406,7 @@ def build_trainer(
         data_collator=AlignmentCollator(pad_id, loss_fn.kind, mismatched_pairs=loss_fn.mismatched_pairs),
         loss_fn=loss_fn,
         reference=reference,
+        callbacks=[LossStateCallback(loss_fn)],
     )
 
 
@@ -381,11 +418,15 @@ def train(
     config: TrainConfig,
     output_dir: str | Path,
     reference_model: nn.Module | None = None,
+    runtime: Runtime | None = None,
 ) -> AlignmentTrainer:
     """Build the trainer and train, resuming from the last checkpoint in ``output_dir`` if there is one.
 
     Returns the trainer: ``trainer.model`` is the trained policy, ``trainer.state.log_history`` the curves.
     """
-    trainer = build_trainer(model, tokenizer, rows, loss_fn, config, output_dir, reference_model)
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(output_dir)))
+    trainer = build_trainer(model, tokenizer, rows, loss_fn, config, output_dir, reference_model, runtime)
+    last = get_last_checkpoint(str(output_dir))
+    if last is not None and (Path(last) / LOSS_STATE).is_file():
+        loss_fn.load_state_dict(json.loads((Path(last) / LOSS_STATE).read_text()))
+    trainer.train(resume_from_checkpoint=last)
     return trainer

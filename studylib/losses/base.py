@@ -176,6 +176,15 @@ class Loss:
         """Whether a step needs fresh samples from the current policy (on-policy, or a KL term)."""
         return self.kind == "on_policy" or self.kl_coefficient > 0
 
+    def state_dict(self) -> dict[str, float]:
+        """What the loss carries from batch to batch (BCO's running mean), for a checkpoint; ``{}``: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore ``state_dict()``'s values (a resumed run continues where the checkpoint stopped)."""
+        if state:
+            raise ValueError(f"{self.name} keeps no state between batches, got {sorted(state)}")
+
     def hparams(self) -> dict[str, object]:
         """The knobs this loss was built with (for stamping results)."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}

@@ -82,7 +82,8 @@ class BCO(Loss):
 
     ``delta`` is the running mean of every ``beta T`` seen so far, updated (detached) with each batch
     before the loss is computed, as TRL does (under several processes each gets the whole micro-batch, so
-    each keeps the one-process mean). Averaged over all rows.
+    each keeps the one-process mean). Averaged over all rows. The running sums are the loss's ``state_dict``:
+    both trainers save them with every checkpoint, so a resumed run keeps the mean.
     """
 
     name = "bco"
@@ -92,6 +93,12 @@ class BCO(Loss):
         self.beta = check_positive("beta", beta)
         self._reward_sum = 0.0
         self._reward_count = 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"reward_sum": self._reward_sum, "reward_count": self._reward_count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self._reward_sum, self._reward_count = float(state["reward_sum"]), int(state["reward_count"])
 
     @property
     def delta(self) -> float:
