@@ -6,11 +6,17 @@ import argparse
 import sys
 import time
 
+from studylib.checks import UserError
 from studylib.study import StudyError, load_study, run_study
+
+USER_MISTAKES = (UserError, FileNotFoundError)
+"""Raised for what the user gave (a knob, a file, a row): printed as one line, exit status 2 (``--debug``: the
+traceback). Anything else is a bug and keeps its traceback."""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="studylib", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user mistake too")
     commands = parser.add_subparsers(dest="command", required=True)
     study = commands.add_parser("study", help="execute every notebook of a study profile with papermill")
     study.add_argument("--profile", default="cpu", help="studies/<profile>.yaml: smoke, cpu (default) or paper")
@@ -23,7 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--params", required=True, help="JSON file of flat RunConfig knobs (notebook 04's parameters)")
     args = parser.parse_args(argv)
     if args.command == "train":
-        return run_training(args.params)
+        try:
+            return run_training(args.params)
+        except USER_MISTAKES as err:
+            if args.debug:
+                raise
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return 2
     try:
         if args.list:
             header, runs = load_study(args.profile, args.results_dir)
@@ -40,6 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except USER_MISTAKES as err:
+        if args.debug:
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (a ``FileNotFoundError`` of the OS names its file)."""
+    text = str(err) if not isinstance(err, FileNotFoundError) or not err.filename else f"{err.strerror}: {err.filename}"
+    return " ".join(text.split())
 
 
 def run_training(params_path: str) -> int:
@@ -52,8 +75,7 @@ def run_training(params_path: str) -> int:
     try:
         config = RunConfig.from_flat(json.loads(open(params_path).read()))
     except (ValueError, TypeError) as err:
-        print(f"error: {params_path}: {err}", file=sys.stderr)
-        return 2
+        raise UserError(f"{params_path}: {err}") from err
     metrics = run_experiment(config)
     if metrics:
         print(json.dumps({k: metrics[k] for k in ("win_rate", "approval", "kl", "length", "steps")}, indent=2))

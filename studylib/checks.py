@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+
+class UserError(ValueError):
+    """A mistake in what the user gave (a knob, a file, a row of it), with a message naming it: the command line
+    prints it as one line and exits with status 2; a traceback is kept for bugs (and for ``--debug``)."""
+
+
 KINDS = {
     bool: "true or false",
     int: "an integer",

@@ -59,7 +59,10 @@ def collect_runs(root: str | Path, only: Collection[str] | None = None) -> pd.Da
         paths = [p for p in paths if p.parent.name in wanted]
     rows = []
     for path in paths:
-        record = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{path} is not readable JSON (truncated? rerun its run): {err}") from None
         params = record.pop("params", {})
         knobs = params.get("loss_kwargs") if isinstance(params.get("loss_kwargs"), dict) else {}
         alpha = knobs.get("alpha")

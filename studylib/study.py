@@ -366,7 +366,24 @@ def is_complete(run: Run, stamp: Path, out_dir: Path) -> bool:
     if "outputs" not in record:  # a stamp of the old kind, which knew nothing of outputs: run again
         return False
     outputs = [ROOT / o for o in record["outputs"]]
-    return record.get("parameters") == run.parameters and all(o.is_file() for o in outputs)
+    return record.get("parameters") == run.parameters and all(o.is_file() and readable(o) for o in outputs)
+
+
+def readable(path: Path) -> bool:
+    """Whether a result file reads back whole: JSON (``.json``, ``.ipynb``) parses, a CSV's lines all have its
+    header's number of fields; other files only need to be there (a truncated file makes its run stale)."""
+    try:
+        if path.suffix in (".json", ".ipynb"):
+            json.loads(path.read_text())
+        elif path.suffix == ".csv":
+            import csv
+
+            with path.open(newline="") as handle:
+                widths = {len(row) for row in csv.reader(handle)}
+            return len(widths) <= 1
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _shown(path: Path) -> str:

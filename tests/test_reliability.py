@@ -113,7 +113,7 @@ def test_data_problems_fail_before_the_run_folder_exists(tiny_run, tmp_path):
     row = json.loads((ROOT / "tests/fixtures/ufb_small/train_prefs.jsonl").read_text().splitlines()[0])
     row["chosen"][-1]["content"] = ""
     empty.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
-    with pytest.raises(ValueError, match="cannot hold out prompts|no training rows"):
+    with pytest.raises(ValueError, match="cannot hold out prompts|no training rows|empty completion: nothing to train"):
         run_experiment(tiny_run(dataset_path=str(empty)))
     assert not (tmp_path / "lm").exists()
 

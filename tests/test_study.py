@@ -364,3 +364,27 @@ def test_offline_distillation_without_kl_trains_on_reward_model_labels(tmp_path,
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["training"]["trainer"] == "offline" and metrics["steps"] == 2
     assert "reward_accuracy_held_out" in metrics["training"]
+
+
+def test_a_result_file_that_does_not_read_back_makes_its_run_stale(sandbox, tmp_path):
+    """A truncated ``metrics.json`` (or any JSON or CSV output that does not parse) is not a complete run."""
+    results = sandbox / "results"
+    output = results / "made.json"
+    write_profile(sandbox, [{"notebook": "job", "parameters": {"out": str(output)}}])
+    assert study.run_study("t", results_dir=results, html=False) == ["job"]  # the job writes 'ran': not JSON
+    assert study.run_study("t", results_dir=results, html=False) == ["job"]  # so it is not complete: run again
+    good, cut, table, ragged = (tmp_path / name for name in ("a.json", "b.json", "c.csv", "d.csv"))
+    good.write_text('{"win_rate": 0.5}')
+    cut.write_text('{"win_rate": 0.')
+    table.write_text("a,b\n1,2\n")
+    ragged.write_text("a,b\n1,2\n3\n")
+    assert [study.readable(p) for p in (good, cut, table, ragged)] == [True, False, True, False]
+
+
+def test_the_report_names_a_truncated_metrics_file(tmp_path):
+    from studylib.report import collect_runs
+
+    (tmp_path / "run-a").mkdir()
+    (tmp_path / "run-a" / "metrics.json").write_text('{"win_rate": 0.')
+    with pytest.raises(ValueError, match=r"run-a/metrics.json is not readable JSON \(truncated\? rerun its run\)"):
+        collect_runs(tmp_path)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studylib.checks import ALSO_ACCEPTED, check_like_default
+from studylib.checks import ALSO_ACCEPTED, UserError, check_like_default
 from studylib.lm.lora import LORA_TARGETS
 from studylib.losses import LOSSES, Loss, build_loss
 
@@ -124,15 +124,15 @@ def check_training_args(training_args: dict[str, Any]) -> None:
     from transformers import TrainingArguments
 
     if not isinstance(training_args, dict):
-        raise ValueError(f"training_args must be a mapping of TrainingArguments fields, got {training_args!r}")
+        raise UserError(f"training_args must be a mapping of TrainingArguments fields, got {training_args!r}")
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     unknown = sorted(set(training_args) - fields)
     if unknown:
-        raise ValueError(f"training_args: {unknown} are not fields of transformers.TrainingArguments")
+        raise UserError(f"training_args: {unknown} are not fields of transformers.TrainingArguments")
     for key in sorted(set(training_args) & set(MANAGED_TRAINING_ARGS)):
         knob = MANAGED_TRAINING_ARGS[key]
         where = f"set it with the run knob {knob!r}" if knob else "the trainer sets it"
-        raise ValueError(f"training_args: {key!r} cannot be given here ({where})")
+        raise UserError(f"training_args: {key!r} cannot be given here ({where})")
 
 
 PARTS = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
@@ -173,7 +173,7 @@ class RunConfig:
         """A checked run config from flat knobs; unknown names and bad values raise, naming the knob."""
         unknown = sorted(set(knobs) - set(cls.flat_names()))
         if unknown:
-            raise ValueError(f"unknown run knob(s) {unknown}; accepted: {', '.join(sorted(cls.flat_names()))}")
+            raise UserError(f"unknown run knob(s) {unknown}; accepted: {', '.join(sorted(cls.flat_names()))}")
         defaults = cls().to_flat()
         _check_types(knobs, defaults)
         # a float knob given as an int (learning_rate: 1) is the same run as 1.0: one identity, one folder
@@ -190,10 +190,21 @@ class RunConfig:
     def check(self) -> None:
         """Every check that can be made before loading anything; raises ``ValueError`` naming the knob and value."""
         if self.loss not in LOSSES:
-            raise ValueError(f"loss: unknown loss {self.loss!r}; available: {', '.join(sorted(LOSSES))}")
+            raise UserError(f"loss: unknown loss {self.loss!r}; available: {', '.join(sorted(LOSSES))}")
         loss_fn = build_loss(self.loss, self.loss_kwargs, preferred_fraction=0.5)  # knobs checked; "auto" a stand-in
         if self.data.dataset not in DATASETS:
-            raise ValueError(f"dataset: {self.data.dataset!r} is not one of {', '.join(DATASETS)}")
+            raise UserError(f"dataset: {self.data.dataset!r} is not one of {', '.join(DATASETS)}")
+        if self.data.dataset == "offline" and (self.data.dataset_path or self.data.eval_dataset_path):
+            given = "dataset_path" if self.data.dataset_path else "eval_dataset_path"
+            raise UserError(
+                f"{given} is given but dataset is 'offline' (the project's synthetic set), so the file would not be "
+                f"used: set dataset to the file's schema ({', '.join(d for d in DATASETS if d != 'offline')})"
+            )
+        if self.run_name is not None and not _plain_folder_name(self.run_name):
+            raise UserError(
+                f"run_name must be one plain folder name inside results_dir (no '/', '\\', '..' or absolute path), "
+                f"got {self.run_name!r}"
+            )
         knobs = self.to_flat()
         at_least_1, at_least_2 = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 2, ">= 2")
         rules = {
@@ -229,20 +240,20 @@ class RunConfig:
             extra.append(("max_steps", lambda v: v >= 1, ">= 1 (on-policy training counts steps)"))
         for knob, ok, need in [(k, *rule) for k, rule in rules.items()] + extra:
             if not ok(knobs[knob]):
-                raise ValueError(f"{knob} must be {need}, got {knobs[knob]!r}")
+                raise UserError(f"{knob} must be {need}, got {knobs[knob]!r}")
         check_training_args(self.train.training_args)
         if self.data.dataset != "offline" and self.eval.eval_split != "test":
-            raise ValueError(f"eval_split: {self.eval.eval_split!r} exists for the offline set only")
+            raise UserError(f"eval_split: {self.eval.eval_split!r} exists for the offline set only")
         reward_scores_samples = loss_fn.needs_reward_model and (loss_fn.kind == "on_policy" or self.online)
         if reward_scores_samples and self.data.dataset == "offline":
             if self.train.max_new_tokens != self.data.data_max_new_tokens:
-                raise ValueError(
+                raise UserError(
                     f"max_new_tokens ({self.train.max_new_tokens}) must equal data_max_new_tokens "
                     f"({self.data.data_max_new_tokens}): the reward model is fit on the data's samples and scores the "
                     "policy's, so both need the same length cap"
                 )
         if self.online and not loss_fn.needs_reward_model:
-            raise ValueError(f"online: {self.loss} uses no reward model to label sampled pairs (set online: false)")
+            raise UserError(f"online: {self.loss} uses no reward model to label sampled pairs (set online: false)")
 
     def identity(self) -> dict[str, Any]:
         """The knobs that change the run's result (all but ``NOT_IDENTITY``, and of ``training_args`` all but
@@ -286,6 +297,11 @@ class RunConfig:
         return self.run_dir() / "checkpoints"
 
 
+def _plain_folder_name(name: str) -> bool:
+    """A name that stays one level inside its parent folder: not empty, no separator, not ``.`` or ``..``."""
+    return bool(name) and name not in (".", "..") and not any(sep in name for sep in ("/", "\\", "\0"))
+
+
 def _check_types(knobs: dict[str, Any], defaults: dict[str, Any]) -> None:
     for name, value in knobs.items():
         check_like_default(name, value, defaults[name], ALSO_ACCEPTED.get(name, ()))
@@ -310,16 +326,25 @@ def differing_knobs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str,
     }
 
 
+def _identity_only(knobs: dict[str, Any]) -> dict[str, Any]:
+    """``knobs`` without those that change no result: ``NOT_IDENTITY``, and ``NOT_IDENTITY_TRAINING_ARGS`` inside
+    ``training_args`` (``report_to`` added to a run does not stop it resuming)."""
+    kept = {k: v for k, v in knobs.items() if k not in NOT_IDENTITY}
+    if isinstance(kept.get("training_args"), dict):
+        kept["training_args"] = {k: v for k, v in kept["training_args"].items() if k not in NOT_IDENTITY_TRAINING_ARGS}
+    return kept
+
+
 def check_resumable(path: Path, current: dict[str, Any]) -> None:
     """Refuse to resume the run whose configuration ``path`` holds unless it equals ``current``, naming what differs
     (knobs that change no result, ``NOT_IDENTITY``, may differ)."""
     if not path.is_file():
         return
-    saved = {k: v for k, v in json.loads(path.read_text()).items() if k not in NOT_IDENTITY}
-    differ = differing_knobs(saved, {k: v for k, v in current.items() if k not in NOT_IDENTITY})
+    saved = _identity_only(json.loads(path.read_text()))
+    differ = differing_knobs(saved, _identity_only(current))
     if differ:
         shown = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
-        raise ValueError(
+        raise UserError(
             f"{path.parent} holds a run with other knobs ({shown}); it would resume that run's checkpoints. "
             "Delete the folder to start over, or use another output folder."
         )

@@ -29,6 +29,8 @@ import datasets
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from studylib.checks import UserError
+
 logger = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
@@ -47,7 +49,7 @@ DATASETS: dict[str, tuple[str, str, str, str]] = {
 _SUFFIX_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError):
     """A data set does not have the expected columns or value types; the message names column, row and source."""
 
 
@@ -154,8 +156,7 @@ def load_unpaired(
         out["prompt"].append(prompt)
         out["completion"].append(completion)
         out["label"].append(row["label"])
-    if dropped:
-        logger.warning("%s: dropped %d rows with empty completions", where, dropped)
+    _report_dropped(where, dropped, len(out["prompt"]))
     return Dataset.from_dict(out)
 
 
@@ -186,9 +187,16 @@ def load_paired(
         out["prompt"].append(prompt)
         out["chosen"].append(texts[0])
         out["rejected"].append(texts[1])
+    _report_dropped(where, dropped, len(out["prompt"]))
+    return Dataset.from_dict(out)
+
+
+def _report_dropped(where: str, dropped: int, kept: int) -> None:
+    """Warn about rows dropped for an empty completion; refuse a data set that has nothing left."""
+    if dropped and not kept:
+        raise UserError(f"{where}: every one of its {dropped} rows has an empty completion: nothing to train on")
     if dropped:
         logger.warning("%s: dropped %d rows with empty completions", where, dropped)
-    return Dataset.from_dict(out)
 
 
 def load_named(
@@ -230,7 +238,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt_messages: Messages)
     with the tokenizer's usual special tokens (e.g. BOS).
     """
     if not prompt_messages:
-        raise ValueError("empty prompt: expected at least one message")
+        raise UserError("empty prompt: expected at least one message")
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=False)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -241,9 +249,9 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt_messages: Messages)
 def encode_completion(tokenizer: PreTrainedTokenizerBase, completion: str) -> list[int]:
     """Token ids of a completion, without special prefix, with EOS appended; an empty completion raises."""
     if not isinstance(completion, str) or not completion.strip():
-        raise ValueError(f"empty completion {completion!r}: every completion needs at least one token besides EOS")
+        raise UserError(f"empty completion {completion!r}: every completion needs at least one token besides EOS")
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token")
+        raise UserError("the tokenizer has no EOS token; set tokenizer.eos_token")
     return [*tokenizer(completion, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
 
 
@@ -256,7 +264,7 @@ def completion_tokens(tokenizer: PreTrainedTokenizerBase, row: dict, column: str
         return encode_completion(tokenizer, row[column])
     ids = [int(i) for i in ids]
     if not [i for i in ids if i != tokenizer.eos_token_id]:
-        raise ValueError(f"empty completion in column {column}_ids {ids!r}: it needs a token besides EOS")
+        raise UserError(f"empty completion in column {column}_ids {ids!r}: it needs a token besides EOS")
     return ids
 
 
@@ -270,7 +278,7 @@ def truncate(
     ``max_prompt_length < max_length``). Pairs that fit are returned unchanged.
     """
     if not 0 < max_prompt_length < max_length:
-        raise ValueError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}")
+        raise UserError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}")
     if len(prompt_ids) + len(completion_ids) <= max_length:
         return list(prompt_ids), list(completion_ids), False
     if len(prompt_ids) > max_prompt_length:
@@ -345,11 +353,11 @@ def split_by_prompt(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Datas
     """Split one data set into disjoint training and evaluation rows **by prompt**: a shuffled ``eval_fraction``
     (at least one) of its distinct prompts, drawn with ``seed``, is held out with all its rows."""
     if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must lie inside (0, 1), got {eval_fraction}")
+        raise UserError(f"eval_fraction must lie inside (0, 1), got {eval_fraction}")
     keys = [prompt_key(p) for p in ds["prompt"]]
     distinct = list(dict.fromkeys(keys))
     if len(distinct) < 2:
-        raise ValueError(f"cannot hold out prompts: the data set has {len(distinct)} distinct prompt(s)")
+        raise UserError(f"cannot hold out prompts: the data set has {len(distinct)} distinct prompt(s)")
     random.Random(seed).shuffle(distinct)
     held = set(distinct[: min(len(distinct) - 1, max(1, round(eval_fraction * len(distinct))))])
     train_rows = [i for i, k in enumerate(keys) if k not in held]

@@ -68,6 +68,7 @@ from studylib.lm.batching import (
     process_share,
     sum_gradients,
 )
+from studylib.lm.checkpoints import disk_full_guard, latest_complete, numbered
 from studylib.lm.config import TrainConfig, record_training_config
 from studylib.lm.reference import autocast_context, policy_and_reference
 from studylib.lm.runtime import Runtime, make_runtime
@@ -342,19 +343,29 @@ class OnlineTrainer:
             "loss_state": self.loss_fn.state_dict(),  # BCO's running mean; {} for a loss without state
         }
         target = out / f"checkpoint-{self.step}"
-        with atomic_directory(target) as tmp:
+        with disk_full_guard(out), atomic_directory(target) as tmp:
             torch.save(state, tmp / "state.pt")
         write_atomic(out / "history.jsonl", "".join(json.dumps(e) + "\n" for e in self.history))
-        for old in _checkpoints(out)[:-keep]:
+        for old in numbered(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return target
 
     def resume(self, out: Path) -> bool:
-        """Load the latest ``checkpoint-<step>`` in ``out``; False if there is none."""
-        checkpoints = _checkpoints(out)
-        if not checkpoints:
+        """Load the latest complete ``checkpoint-<step>`` in ``out`` (one whose state reads back; a later unreadable
+        one is set aside: ``checkpoints.latest_complete``); False if there is none."""
+        states: dict[Path, dict] = {}
+
+        def readable(folder: Path) -> bool:
+            try:
+                states[folder] = torch.load(folder / "state.pt", map_location=self.device, weights_only=True)
+            except Exception:  # noqa: BLE001 (truncated or corrupt: torch raises IndexError, EOFError, ...; all unreadable)
+                return False
+            return True
+
+        last = latest_complete(out, readable)
+        if last is None:
             return False
-        state = torch.load(checkpoints[-1] / "state.pt", map_location=self.device, weights_only=True)
+        state = states[last]
         named = dict(self.policy.named_parameters())
         with torch.no_grad():
             for name, value in state["trainable"].items():
@@ -365,10 +376,6 @@ class OnlineTrainer:
         self.loss_fn.load_state_dict(state["loss_state"])
         self.step, self.history = state["step"], json.loads(state["history"])
         return True
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    return sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
 def train_online(

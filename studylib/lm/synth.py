@@ -40,6 +40,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from studylib.checks import UserError
 from studylib.lm.annotators import AnnotatorPool
 from studylib.lm.data import Messages, encode_prompt
 from studylib.lm.models import cache_root
@@ -58,7 +59,7 @@ def load_prompts(path: str | Path | None = None) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for i, row in enumerate(rows):
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise ValueError(f"{path}: row {i} has no non-empty string 'prompt'")
+            raise UserError(f"{path}: row {i} has no non-empty string 'prompt'")
     return rows
 
 
@@ -101,7 +102,7 @@ def target_distance(approvals: np.ndarray) -> dict[str, float]:
     """
     approvals = np.asarray(approvals, dtype=float)
     if approvals.ndim != 2 or approvals.shape[1] < 2:
-        raise ValueError(f"approvals must be (prompts, K >= 2), got shape {approvals.shape}")
+        raise UserError(f"approvals must be (prompts, K >= 2), got shape {approvals.shape}")
     total = approvals.sum(axis=1)
     has = total > 0
     w = approvals[has] / total[has, None]
@@ -150,7 +151,7 @@ def _pairs(n: int, pairing: str) -> list[tuple[int, int]]:
         return [(i, i + 1) for i in range(0, n - 1, 2)]
     if pairing == "all":
         return list(itertools.combinations(range(n), 2))
-    raise ValueError(f"pairing must be 'disjoint' or 'all', got {pairing!r}")
+    raise UserError(f"pairing must be 'disjoint' or 'all', got {pairing!r}")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -212,11 +213,11 @@ def build_offline_preferences(
     prompt_file = Path(prompts_path) if prompts_path is not None else PROMPTS_PATH
     rows = load_prompts(prompt_file)
     if not 3 <= n_prompts <= len(rows):
-        raise ValueError(f"n_prompts must be in [3, {len(rows)}] ({prompt_file}), got {n_prompts}")
+        raise UserError(f"n_prompts must be in [3, {len(rows)}] ({prompt_file}), got {n_prompts}")
     if completions_per_prompt < 2 or temperature <= 0 or max_new_tokens < 1:
-        raise ValueError("need completions_per_prompt >= 2, temperature > 0, max_new_tokens >= 1")
+        raise UserError("need completions_per_prompt >= 2, temperature > 0, max_new_tokens >= 1")
     if not (0.0 < eval_fraction < 1.0 and 0.0 <= validation_fraction < 1.0 - eval_fraction):
-        raise ValueError(
+        raise UserError(
             f"need 0 < eval_fraction < 1 and 0 <= validation_fraction < 1 - eval_fraction, got {eval_fraction} "
             f"and {validation_fraction}"
         )
@@ -245,7 +246,7 @@ def build_offline_preferences(
     if (target / "meta.json").is_file():
         return _load(target)
     if model is None or tokenizer is None:
-        raise ValueError(f"no cached data at {target}: pass the model and tokenizer to generate it")
+        raise UserError(f"no cached data at {target}: pass the model and tokenizer to generate it")
 
     start = time.perf_counter()
     chosen = rows[:n_prompts]

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from studylib.lm.batching import (
     BATCH_KEYS,
@@ -47,6 +47,7 @@ from studylib.lm.batching import (
     scale_for_averaged_gradients,
     score_sequences,
 )
+from studylib.lm.checkpoints import disk_full_guard, latest_complete, trainer_checkpoint_complete
 from studylib.lm.config import TrainConfig, check_training_args, record_training_config
 from studylib.lm.reference import Reference, adapter_input_casting_off, autocast_context, policy_and_reference
 from studylib.lm.runtime import Runtime, make_runtime
@@ -420,13 +421,16 @@ def train(
     reference_model: nn.Module | None = None,
     runtime: Runtime | None = None,
 ) -> AlignmentTrainer:
-    """Build the trainer and train, resuming from the last checkpoint in ``output_dir`` if there is one.
+    """Build the trainer and train, resuming from the last complete checkpoint in ``output_dir`` if there is one
+    (``checkpoints.latest_complete``: a later, incomplete one is set aside); a full disk is reported as such.
 
     Returns the trainer: ``trainer.model`` is the trained policy, ``trainer.state.log_history`` the curves.
     """
     trainer = build_trainer(model, tokenizer, rows, loss_fn, config, output_dir, reference_model, runtime)
-    last = get_last_checkpoint(str(output_dir))
-    if last is not None and (Path(last) / LOSS_STATE).is_file():
-        loss_fn.load_state_dict(json.loads((Path(last) / LOSS_STATE).read_text()))
-    trainer.train(resume_from_checkpoint=last)
+    required = (LOSS_STATE,) if loss_fn.state_dict() else ()  # a loss with state needs it back to resume
+    last = latest_complete(output_dir, lambda folder: trainer_checkpoint_complete(folder, required))
+    if last is not None and (last / LOSS_STATE).is_file():
+        loss_fn.load_state_dict(json.loads((last / LOSS_STATE).read_text()))
+    with disk_full_guard(output_dir):
+        trainer.train(resume_from_checkpoint=None if last is None else str(last))
     return trainer
