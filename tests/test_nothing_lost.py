@@ -184,7 +184,8 @@ def test_a_users_mistake_is_one_line_and_exit_status_2(tmp_path, capsys, monkeyp
     params.write_text(json_module.dumps(knobs | {"run_name": "../escape"}))
     assert main(["train", "--params", str(params)]) == 2
     shown = capsys.readouterr().err
-    assert shown.startswith("error: run_name must be one plain folder name") and "Traceback" not in shown
+    assert shown.startswith(f"error: {params}: run_name must be one plain folder name inside results_dir")
+    assert shown.count("\n") == 1 and "Traceback" not in shown
 
 
 def test_the_watchdog_fails_a_hung_command_not_a_slow_one():
