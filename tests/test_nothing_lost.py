@@ -198,3 +198,33 @@ def test_the_watchdog_fails_a_hung_command_not_a_slow_one():
     hung = "import time; print('started', flush=True); time.sleep(60)"
     with pytest.raises(TimeoutError, match="printed nothing for 2 s: hung"):
         run_until_stalled([sys.executable, "-c", hung], stall_seconds=2)
+
+
+class RunsCode:
+    """A pickle that would create a file when unpickled without ``weights_only``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_never_unpickled(tmp_path):
+    """The on-policy trainer reads its state with ``weights_only=True``: a crafted ``state.pt`` is unreadable (set
+    aside), never executed."""
+    import torch
+
+    from studylib.lm.online import OnlineTrainer
+    from studylib.losses import get_loss
+
+    tokenizer = tiny_tokenizer()
+    config = TrainConfig(max_steps=1, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=3)
+    marker = tmp_path / "code-ran"
+    (tmp_path / "run" / "checkpoint-1").mkdir(parents=True)
+    torch.save({"step": RunsCode(str(marker))}, tmp_path / "run" / "checkpoint-1" / "state.pt")
+    trainer = OnlineTrainer(tiny_model(tokenizer), tokenizer, get_loss("reverse_kl"), config, prompt_ids=[[5, 6]],
+                            reward_fn=lambda p, c: torch.ones(len(c)))  # fmt: skip
+    with pytest.warns(UserWarning, match="checkpoint-1 is incomplete"):
+        assert trainer.resume(tmp_path / "run") is False
+    assert not marker.exists() and (tmp_path / "run" / "incomplete-checkpoint-1").is_dir()
