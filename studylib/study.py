@@ -390,6 +390,23 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def machine() -> dict[str, Any]:
+    """What the study's times were measured on: the processor, its cores, and whether it runs bf16 natively."""
+    import os
+    import platform
+
+    from studylib.lm.runtime import cpu_bf16_support
+
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            name = line.split(":", 1)[1].strip()
+            break
+    native, why = cpu_bf16_support()
+    return {"processor": name, "cores": os.cpu_count(), "native_bf16": native, "bf16_decided_by": why}
+
+
 def run_study(
     profile: str,
     *,
@@ -447,9 +464,8 @@ def run_study(
     names = [r.name for r in load_study(profile, results_dir)[1]]
     ordered = {name: previous[name] for name in names if name in previous}
     total = round(sum(r.get("seconds", 0.0) for r in ordered.values()), 1)
-    write_atomic(
-        summary_path, json.dumps({"profile": profile, "seconds_of_recorded_runs": total, "runs": ordered}, indent=2)
-    )
+    summary = {"profile": profile, "seconds_of_recorded_runs": total, "machine": machine(), "runs": ordered}
+    write_atomic(summary_path, json.dumps(summary, indent=2))
     if executed and header.get("compare"):
         context = {"results_dir": _shown(results), "profile": profile}
         tables = []
