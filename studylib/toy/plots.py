@@ -35,7 +35,8 @@ def plot_ratios(curves: pd.DataFrame) -> Figure:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
     a = curves[(curves["sweep"] == "p_plus") & (curves["alpha"] == alphas[0])]
     p_minus = float(a["p_minus"].iloc[0])
-    left.plot(a["p_plus"], a["g"], color=ddro, lw=2, label="density ratio g* = p+/p- (DDRO's target)")
+    framing = "density ratio g* = p+/p- (DDRO as the RDRO paper frames it)"
+    left.plot(a["p_plus"], a["g"], color=ddro, lw=2, label=framing)
     b = curves[(curves["sweep"] == "p_minus") & (curves["alpha"] == alphas[0])]
     right.loglog(b["p_minus"], b["g"], color=ddro, lw=2, label="density ratio g*")
     for alpha in alphas:
