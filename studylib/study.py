@@ -391,7 +391,8 @@ def _shown(path: Path) -> str:
 
 
 def machine() -> dict[str, Any]:
-    """What the study's times were measured on: the processor, its cores, and whether it runs bf16 natively."""
+    """What a run's time was measured on (recorded with each executed run in ``study-<profile>.json``): the
+    processor, its cores, and whether it runs bf16 natively."""
     import os
     import platform
 
@@ -433,6 +434,7 @@ def run_study(
     executed, failures = [], []
     commit = git_commit()
     progress = tqdm(runs, desc=f"study {profile}", unit="notebook")
+    here = machine()
     for run in progress:
         progress.set_postfix_str(run.name)
         stamp = out_dir / f"{run.name}.done"
@@ -460,11 +462,12 @@ def run_study(
         record = {"parameters": run.parameters, "seconds": seconds, "commit": commit, "outputs": outputs}
         write_atomic(stamp, json.dumps(record, indent=2))
         previous[run.name] = {"notebook": run.notebook, "status": "executed", "seconds": seconds, "commit": commit}
+        previous[run.name]["machine"] = here  # what these seconds were measured on
         executed.append(run.name)
     names = [r.name for r in load_study(profile, results_dir)[1]]
     ordered = {name: previous[name] for name in names if name in previous}
     total = round(sum(r.get("seconds", 0.0) for r in ordered.values()), 1)
-    summary = {"profile": profile, "seconds_of_recorded_runs": total, "machine": machine(), "runs": ordered}
+    summary = {"profile": profile, "seconds_of_recorded_runs": total, "runs": ordered}
     write_atomic(summary_path, json.dumps(summary, indent=2))
     if executed and header.get("compare"):
         context = {"results_dir": _shown(results), "profile": profile}
