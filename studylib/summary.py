@@ -63,23 +63,41 @@ def _lm_columns(runs: pd.DataFrame) -> dict[str, dict[str, str]]:
     return out
 
 
+def _exact_columns(falls: pd.DataFrame) -> dict[str, dict[str, str]]:
+    """Notebook 06: each method's held-out excess-KL fall per setting (the language model, exactly)."""
+    out: dict[str, dict[str, str]] = {}
+    for _, row in falls[falls["split"] == "heldout"].iterrows():
+        verdict = "falls" if row["falls"] else "does not fall"
+        out.setdefault(method_key(row["method"]), {})[f"{row['setting']} LM exact fall"] = (
+            f"{row['fall']:.1f}x ({verdict})"
+        )
+    return out
+
+
 def summary_table(
-    slopes: pd.DataFrame, spread: pd.DataFrame | None = None, runs: pd.DataFrame | None = None
+    slopes: pd.DataFrame,
+    spread: pd.DataFrame | None = None,
+    runs: pd.DataFrame | None = None,
+    falls: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """One row per method: family, target, assumption, the toy's slopes per setting, T4's gradient norms, the LM
-    runs' win rate and KL. Empty cells: the method is not part of that experiment."""
+    """One row per method: family, target, assumption, the toy's slopes per setting, T4's gradient norms, the
+    language model's exact falls per setting (notebook 06's ``falls.csv``), the sampled LM runs' win rate and KL.
+    Empty cells: the method is not part of that experiment."""
     toy = _toy_columns(slopes, spread)
+    exact = _exact_columns(falls) if falls is not None else {}
     lm = _lm_columns(runs) if runs is not None and len(runs) else {}
     rows = []
     for key in ORDER:
-        if key not in toy and key not in lm:
+        if key not in toy and key not in lm and key not in exact:
             continue
         family, target, assumption = THEORY[key]
         rows.append(
             {"family": family, "method": key, "target": target, "assumption": assumption}
             | toy.get(key, {})
+            | exact.get(key, {})
             | lm.get(key, {})
         )
     table = pd.DataFrame(rows).fillna("")
     first = ["family", "method", "target", "assumption", "S1 slope", "S2 slope", "S3 slope"]
+    first += ["S1 LM exact fall", "S2 LM exact fall", "S3 LM exact fall"]
     return table[[c for c in first if c in table] + [c for c in table if c not in first]]
