@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
 from studylib.lm.stats import bootstrap_interval, detectable_effect, paired_difference_interval, prompts_needed
 from studylib.palette import style
@@ -199,20 +200,26 @@ def plot_frontier(table: pd.DataFrame):
     makes between moving away from the reference and being preferred to it."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for _, row in table.iterrows():
+        look = style(row["method"])
         ax.errorbar(
             row["kl"],
             row["win_rate"],
             xerr=[[row["kl"] - row["kl_low"]], [row["kl_high"] - row["kl"]]],
             yerr=[[row["win_rate"] - row["win_rate_low"]], [row["win_rate_high"] - row["win_rate"]]],
-            fmt="o",
+            fmt=look["marker"],
+            ms=7,
             capsize=3,
-            color=style(row["method"])["color"],
+            color=look["color"],
             label=row["method"],
         )
     ax.axhline(0.5, color="black", lw=0.8, ls=":", label="tie with the reference")
-    ax.set_xscale("symlog", linthresh=0.1)
+    positive = (table["kl_low"] > 0).all()
+    ax.set_xscale("log" if positive else "symlog", **({} if positive else {"linthresh": 0.1}))
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(
-        xlabel="KL(policy || reference), nats per completion (symlog)",
+        xlabel=f"KL(policy || reference), nats per completion ({'log' if positive else 'symlog'} scale)",
         ylabel="win rate against the reference",
         title=f"Win rate against KL: mean and 95% bootstrap intervals over {int(table['prompts'].max())} prompts",
     )
@@ -291,16 +298,26 @@ RUN_PANELS = (
 )
 
 
-def plot_run_curves(curves: pd.DataFrame, title: str):
+def run_title(params: dict) -> str:
+    """A run's figure title from its knobs: the loss and its knobs, the learning rate, steps and seed."""
+    knobs = ", ".join(f"{k}={v}" for k, v in sorted((params.get("loss_kwargs") or {}).items()))
+    return (f"{params['loss']}{f' ({knobs})' if knobs else ''}, lr {params['learning_rate']:g}, "
+            f"seed {params['seed']}, {params['dataset']} data: training curves")  # fmt: skip
+
+
+def plot_run_curves(curves: pd.DataFrame, title: str, method: str | None = None):
     """One run's training curves against optimizer steps: loss, gradient norm and max ratio (log axes, since
-    they span decades), reward margin; panels whose column the run did not log are left out."""
+    they span decades), reward margin; panels whose column the run did not log are left out. ``method``: the loss,
+    whose palette colour and marker the lines take."""
     panels = [p for p in RUN_PANELS if p[0] in curves and curves[p[0]].notna().any()]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.6 * max(len(panels), 1), 3.2), squeeze=False)
+    look = style(method) if method is not None else {"color": "black", "marker": "."}
     for ax, (column, label, scale) in zip(axes[0], panels, strict=False):
         values = curves[column]
-        ax.plot(curves["step"], values, marker=".")
+        ax.plot(curves["step"], values, ms=4, **look)
         if scale == "log" and (values.dropna() > 0).all():
             ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="optimizer step", ylabel=label, title=label)
     fig.suptitle(title)
     fig.tight_layout()
@@ -334,34 +351,39 @@ def plot_training_curves(runs: pd.DataFrame, seed: int | None = None):
     """Training loss, gradient norm and max exp(T) against steps, one line per method in the method's own colour
     (``studylib.palette``) on every panel (RDRO Figures 4-5); log axes where values span decades."""
     panels = [
-        ("loss", "training loss"),
+        ("loss", "training loss minus its first step's (symlog)"),
         ("grad_norm", "gradient norm (log)"),
         ("ratio/max", "max exp(T) in batch (log)"),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     chosen = runs if seed is None else runs[runs["seed"] == seed]
     chosen = _main_runs(chosen)
+    several = chosen["dataset"].nunique() > 1
+    unlogged = []
     for _, run in chosen.drop_duplicates(["dataset", "loss"]).iterrows():
         curves_path = Path(run["run_dir"]) / "curves.csv"
         if not curves_path.exists():
             continue
         curves = pd.read_csv(curves_path)
         look = style(run["loss"])
+        trainer = (run.get("training") or {}).get("trainer", "offline")
+        label = f"{run['loss']} ({'on-policy' if trainer == 'online' else 'offline'} trainer"
+        label += f", {run['dataset']} data)" if several else ")"
         for ax, (column, _) in zip(axes, panels, strict=True):
             if column in curves and curves[column].notna().any():
-                ax.plot(
-                    curves["step"],
-                    curves[column],
-                    color=look["color"],
-                    marker=look["marker"],
-                    ms=4,
-                    label=f"{run['loss']} ({run['dataset']})",
-                )
+                values = curves[column] - curves[column].iloc[0] if column == "loss" else curves[column]
+                ax.plot(curves["step"], values, ms=4, label=label, **look)
+            elif column == "ratio/max":
+                unlogged.append(run["loss"])
     for ax, (_, label) in zip(axes, panels, strict=True):
         ax.set(xlabel="optimizer step", ylabel=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+    axes[0].set_yscale("symlog", linthresh=0.1)  # losses of different objectives: each from its own start
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
+    if unlogged:
+        axes[2].set_title(f"not logged by {', '.join(sorted(set(unlogged)))} (no exp T in their loss)", fontsize=8)
     with_alpha = chosen[chosen["alpha"].notna()].drop_duplicates(["dataset", "alpha"])
     for _, run in with_alpha.iterrows():  # RDRO's target ratio is bounded by 1/alpha: draw the bound the text cites
         label = "RDRO's 1/alpha" + (f" ({run['dataset']})" if len(with_alpha) > 1 else "")
@@ -375,10 +397,11 @@ def plot_training_curves(runs: pd.DataFrame, seed: int | None = None):
     fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     peaks = {}
     for line in axes[1].get_lines():
-        peaks[line.get_label()] = max(line.get_ydata())
+        peaks[line.get_label().split(" (")[0]] = max(line.get_ydata())
     top = max(peaks, key=peaks.get) if peaks else None
     finding = f": largest gradient norm {top} ({peaks[top]:.3g})" if top else ""
-    fig.suptitle("Training curves per method" + ("" if seed is None else f", seed {seed}") + finding)
+    data = "" if several else f", {chosen['dataset'].iloc[0]} data"
+    fig.suptitle("Training curves per method" + data + ("" if seed is None else f", seed {seed}") + finding)
     fig.tight_layout()
     return fig
 

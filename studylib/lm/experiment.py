@@ -57,7 +57,7 @@ from studylib.lm.synth import build_offline_preferences
 from studylib.lm.tiny import tiny_model, tiny_tokenizer
 from studylib.lm.trainer import train
 from studylib.losses import Loss, build_loss
-from studylib.report import plot_run_curves
+from studylib.report import plot_run_curves, run_title
 from studylib.results import save_figure, save_json, save_table
 
 PAIRED_DATASETS = ("ufb",)
@@ -410,7 +410,7 @@ def save_run(
     save_json(record, run_dir / "metrics.json", stamp)
     save_table(curves, run_dir / "curves", stamp, markdown=False)
     save_table(samples, run_dir / "samples", stamp, markdown=False)
-    fig = plot_run_curves(curves, f"{config.name()}: training curves")
+    fig = plot_run_curves(curves, run_title(record["params"]), config.loss)
     save_figure(fig, run_dir / "training_curves.png", stamp)
     plt.close(fig)
     if config.data.dataset != "offline":  # hub runs: AlpacaEval's format (one output per instruction: sample 0)
