@@ -198,7 +198,7 @@ def beats_reference(table: pd.DataFrame) -> str:
 def plot_frontier(table: pd.DataFrame):
     """Win rate against KL(pi || pi_ref), one point per method with both 95% intervals: the trade-off each method
     makes between moving away from the reference and being preferred to it."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     for _, row in table.iterrows():
         look = style(row["method"])
         ax.errorbar(
@@ -224,7 +224,7 @@ def plot_frontier(table: pd.DataFrame):
         title=f"Win rate against KL: mean and 95% bootstrap intervals over {int(table['prompts'].max())} prompts",
     )
     ax.title.set_fontsize(9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 
