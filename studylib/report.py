@@ -91,9 +91,10 @@ def runs_note(runs: pd.DataFrame, root: str | Path, profile: str | None) -> str:
     return "\n".join(lines)
 
 
-def run_conclusion(record: dict) -> str:
-    """What one run shows, in sentences built from its own record (``metrics.json``), with the 95% bootstrap
-    interval of its win rate over prompts so a reader can tell a difference from noise."""
+def run_conclusion(record: dict, curves: pd.DataFrame | None = None) -> str:
+    """What one run shows, in sentences built from its own record (``metrics.json``) and training curves, with the
+    95% bootstrap interval of its win rate over prompts so a reader can tell a difference from noise, and the
+    caveats its numbers carry (a training loss that rose, a reward model at chance, a reconstructed loss)."""
     n, win, low, high = record["n_prompts"], record["win_rate"], record["win_rate_low"], record["win_rate_high"]
     verdict = (
         "beats the reference (the whole interval lies above 0.5)"
@@ -114,7 +115,39 @@ def run_conclusion(record: dict) -> str:
     ]
     flags = record.get("flags") or []
     lines.append("- Flags: " + ("; ".join(flags) if flags else "none (no collapse, KL within bound)."))
-    return "\n".join(lines)
+    return "\n".join(lines + run_caveats(record, curves))
+
+
+CHANCE = 0.55  # a reward model whose held-out pair accuracy is at most this is at chance for our purposes
+
+
+def run_caveats(record: dict, curves: pd.DataFrame | None = None) -> list[str]:
+    """Markdown lines for what a run's own numbers warn about: its training loss rose, its reward model is at chance,
+    its loss is reconstructed."""
+    lines = []
+    if curves is not None and "loss" in curves and curves["loss"].notna().sum() >= 2:
+        losses = curves["loss"].dropna()
+        first, last = float(losses.iloc[0]), float(losses.iloc[-1])
+        if last > first:
+            rose = f"from {first:.3g} at the first logged step to {last:.3g} at the last"
+            lines.append(f"- The training loss **rose**, {rose} (each the loss of that step's minibatch).")
+    accuracy = (record.get("training") or {}).get("reward_accuracy_held_out")
+    if accuracy is not None and accuracy <= CHANCE:
+        lines.append(f"- Its reward model is at chance: {accuracy:.2f} accuracy on held-out pairs, so the rewards it "
+                     "learns from carry no preference signal here.")  # fmt: skip
+    if record.get("loss") == "ddro":
+        lines.append("- DDRO's loss is **reconstructed** (`docs/STUDY.md`), and its guard is this repository's.")
+    return lines
+
+
+def training_caveats(runs: pd.DataFrame) -> str:
+    """``run_caveats`` of every run (its training loss, reward model, loss), one line each, for notebook 05."""
+    lines = []
+    for _, run in _main_runs(runs).sort_values(["loss", "seed"]).iterrows():
+        curves = pd.read_csv(Path(run["run_dir"]) / "curves.csv")
+        for line in run_caveats(run.to_dict(), curves):
+            lines.append(f"- {run['loss']} seed {run['seed']}: {line[2:]}")
+    return "\n".join(lines) if lines else "No run's numbers carry a caveat."
 
 
 def _main_runs(runs: pd.DataFrame) -> pd.DataFrame:

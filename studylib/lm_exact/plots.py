@@ -146,7 +146,7 @@ def plot_alpha_sweep(sweep: pd.DataFrame) -> Figure:
                 marker="o",
                 ms=4,
                 capsize=3,
-                label=f"RDRO per-class, {where} prompts",
+                label=f"RDRO per-class, {where} prompts (mean, bars +- 1 sd over {part['seed'].nunique()} seeds)",
             )
         fraction = part["preferred_fraction"].mean()
         ax.axvline(fraction, color="black", ls=":", lw=1.2, label=f"preferred fraction of the data = {fraction:.3f}")
