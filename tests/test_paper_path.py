@@ -3,7 +3,7 @@
 One step of DPO, KTO, RDRO (offline trainer) and reverse KL (on-policy trainer) in bf16, with full fine-tuning
 (a separate frozen reference) and with LoRA, then sampling from the trained policy; and notebook 04 through
 papermill with the paper profile's own knobs on a tiny Qwen2 saved as a local checkpoint. What this does not
-check (a GPU, hub weights, several processes) is listed in the README's "Train your own model" section.
+check (a GPU, hub weights, several processes) is listed in docs/TRAINING.md.
 """
 
 from __future__ import annotations
