@@ -370,17 +370,15 @@ def is_complete(run: Run, stamp: Path, out_dir: Path) -> bool:
 
 
 def readable(path: Path) -> bool:
-    """Whether a result file reads back whole: JSON (``.json``, ``.ipynb``) parses, a CSV's lines all have its
-    header's number of fields; other files only need to be there (a truncated file makes its run stale)."""
+    """Whether a result file reads back whole: JSON (``.json``, ``.ipynb``) parses; a CSV is not empty and ends with
+    its last row's newline (a file cut short mid-row does not); other files only need to be there. (A CSV is not
+    parsed: completions may hold a lone carriage return, which a CSV reader takes for the end of a row.)"""
     try:
         if path.suffix in (".json", ".ipynb"):
             json.loads(path.read_text())
         elif path.suffix == ".csv":
-            import csv
-
-            with path.open(newline="") as handle:
-                widths = {len(row) for row in csv.reader(handle)}
-            return len(widths) <= 1
+            data = path.read_bytes()
+            return len(data) > 0 and data.endswith(b"\n")
     except (OSError, ValueError):
         return False
     return True

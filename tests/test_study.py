@@ -376,8 +376,8 @@ def test_a_result_file_that_does_not_read_back_makes_its_run_stale(sandbox, tmp_
     good, cut, table, ragged = (tmp_path / name for name in ("a.json", "b.json", "c.csv", "d.csv"))
     good.write_text('{"win_rate": 0.5}')
     cut.write_text('{"win_rate": 0.')
-    table.write_text("a,b\n1,2\n")
-    ragged.write_text("a,b\n1,2\n3\n")
+    table.write_text('a,b\n1,"two\rlines"\n')  # a completion with a lone carriage return is whole
+    ragged.write_text("a,b\n1,2\n3")  # cut mid-row
     assert [study.readable(p) for p in (good, cut, table, ragged)] == [True, False, True, False]
 
 
