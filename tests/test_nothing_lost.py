@@ -228,3 +228,68 @@ def test_a_checkpoint_that_would_run_code_is_never_unpickled(tmp_path):
     with pytest.warns(UserWarning, match="checkpoint-1 is incomplete"):
         assert trainer.resume(tmp_path / "run") is False
     assert not marker.exists() and (tmp_path / "run" / "incomplete-checkpoint-1").is_dir()
+
+
+REFUSED_UP_FRONT = [  # knob values that passed the check once and failed inside training, or meant nothing
+    ({"lr_scheduler_type": "bogus"}, "lr_scheduler_type must be one of"),
+    ({"lr_scheduler_type": "reduce_lr_on_plateau"}, "lr_scheduler_type must be one of"),
+    ({"lr_scheduler_type": "cosine_with_min_lr"}, "lr_scheduler_kwargs"),
+    ({"loss": "dpo", "dataset": "ufg", "dataset_path": "tests/fixtures/ufg.jsonl"}, "needs pairs"),
+    ({"loss": "distill", "dataset": "mix14k", "dataset_path": "tests/fixtures/mix14k.jsonl"}, "needs pairs"),
+    ({"lora_target_modules": []}, "lora_target_modules must be a non-empty list"),
+    ({"lora_dropout": 1.0}, "lora_dropout must be in"),
+    ({"lora_dropout": -0.1}, "lora_dropout must be in"),
+    ({"lora_alpha": 0}, "lora_alpha must be > 0"),
+    ({"logging_steps": 0}, "logging_steps must be >= 1"),
+    ({"logging_steps": 100}, "at most max_steps"),
+    ({"save_steps": 0}, "save_steps must be >= 1"),
+    ({"reference_batch_size": 0}, "reference_batch_size must be >= 1"),
+    ({"generation_batch_size": 0}, "generation_batch_size must be >= 1"),
+    ({"reward_epochs": float("nan")}, "reward_epochs must be a finite number"),
+    ({"seed": -1}, "seed must be in"),
+    ({"data_seed": 2**40}, "data_seed must be in"),
+    ({"max_steps": -1, "num_train_epochs": float("inf")}, "num_train_epochs must be finite"),
+    ({"max_train_rows": 0}, "max_train_rows must be >= 1"),
+    ({"results_dir": ""}, "results_dir must be a folder"),
+    ({"max_steps": 1}, "warmup_ratio must be small enough"),
+    ({"training_args": {"optim": "bogus"}}, "training_args: .*bogus"),
+    ({"training_args": {"eval_strategy": "steps"}}, "eval_strategy / do_eval need an evaluation set"),
+    ({"training_args": {"report_to": "no-such-tracker"}}, r"report_to \['no-such-tracker'\] is not installed"),
+    ({"loss": "reverse_kl", "loss_kwargs": {}, "training_args": {"weight_decay": 0.1}}, "does not use"),
+    ({"loss": "reverse_kl", "loss_kwargs": {}, "online": True}, "online applies to distillation"),
+    ({"loss": "kto", "loss_kwargs": {"desirable_weight": 0, "undesirable_weight": 0}}, "both 0"),
+    ({"loss": "dpo", "loss_kwargs": {"beta": True}}, "beta must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("knobs, message", REFUSED_UP_FRONT, ids=[str(k) for k, _ in REFUSED_UP_FRONT])
+def test_a_knob_that_would_fail_late_or_mean_nothing_is_refused_up_front(tiny_knobs, knobs, message):
+    from studylib.checks import UserError
+
+    with pytest.raises((UserError, ValueError), match=message):
+        RunConfig.from_flat(tiny_knobs | knobs)
+
+
+def test_a_single_data_file_may_hold_out_most_of_its_prompts(tiny_knobs):
+    """The offline set's validation rule does not apply to a hub file (it once refused eval_fraction 0.9)."""
+    RunConfig.from_flat(tiny_knobs | {"dataset_path": "tests/fixtures/ufb.jsonl", "eval_fraction": 0.9})
+
+
+def test_a_step_larger_than_the_data_and_a_max_length_that_cuts_everything_are_refused(tiny_run):
+    with pytest.raises(ValueError, match=r"batch_size x gradient_accumulation_steps = 200 rows a step, but the "):
+        run_experiment(tiny_run(batch_size=2, gradient_accumulation_steps=100))
+    assert not tiny_run().run_dir().exists()
+    with pytest.raises(ValueError, match="max_length 3 cuts every one of the"):
+        run_experiment(tiny_run(max_length=3, max_prompt_length=2))
+
+
+@pytest.mark.parametrize(
+    "knobs, message",
+    [
+        ({"training_args": {"logging_strategy": "no"}}, "logging_strategy must stay 'steps'"),
+        ({"validation_fraction": 0.2}, "validation_fraction applies to the offline set only"),
+    ],
+)
+def test_a_knob_a_run_would_ignore_is_refused(tiny_knobs, knobs, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_flat(tiny_knobs | knobs)

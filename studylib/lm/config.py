@@ -214,7 +214,10 @@ class RunConfig:
             "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
             "max_grad_norm": (lambda v: v > 0, "> 0"),
             "eval_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
-            "validation_fraction": (lambda v: 0 <= v < 1 - knobs["eval_fraction"], "in [0, 1 - eval_fraction)"),
+            "validation_fraction": (
+                lambda v: knobs["dataset"] != "offline" or 0 <= v < 1 - knobs["eval_fraction"],
+                "in [0, 1 - eval_fraction) (the offline set)",
+            ),
             "eval_split": (lambda v: v in ("test", "validation"), "'test' or 'validation'"),
             "bf16": (lambda v: v in (True, False, "auto"), "true, false or auto"),
             "max_prompt_length": (lambda v: 1 <= v < knobs["max_length"], "in [1, max_length)"),
@@ -254,6 +257,62 @@ class RunConfig:
                 )
         if self.online and not loss_fn.needs_reward_model:
             raise UserError(f"online: {self.loss} uses no reward model to label sampled pairs (set online: false)")
+        self._check_meaning(loss_fn, knobs)
+
+    def _check_meaning(self, loss_fn: Loss, knobs: dict[str, Any]) -> None:
+        """Values that pass the type and range rules above but would fail inside training, after the run folder
+        is written, or run to a result that means nothing (probed knob by knob: docs/RELIABILITY.md)."""
+        from transformers import SchedulerType
+
+        finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+        schedules = sorted(s.value for s in SchedulerType if s.value != "reduce_lr_on_plateau")
+        needs_kwargs = (
+            "min_lr" in self.train.lr_scheduler_type and "lr_scheduler_kwargs" not in self.train.training_args
+        )
+        rules = [
+            ("lr_scheduler_type", knobs["lr_scheduler_type"] in schedules and not needs_kwargs,
+             f"one of {', '.join(schedules)} (a *_min_lr schedule with lr_scheduler_kwargs in training_args)"),
+            ("lora_target_modules", isinstance(knobs["lora_target_modules"], list) and len(knobs["lora_target_modules"])
+             > 0 and all(isinstance(m, str) and m for m in knobs["lora_target_modules"]), "a non-empty list of names"),
+            ("lora_dropout", finite(knobs["lora_dropout"]) and 0 <= knobs["lora_dropout"] < 1, "in [0, 1)"),
+            ("lora_alpha", knobs["lora_alpha"] is None or (finite(knobs["lora_alpha"]) and knobs["lora_alpha"] > 0),
+             "> 0 (or None: 2 * lora_r); 0 scales the adapters away"),
+            ("logging_steps", knobs["logging_steps"] >= 1 and (knobs["max_steps"] < 0 or knobs["logging_steps"]
+             <= knobs["max_steps"]), ">= 1 and at most max_steps (else no step is logged)"),
+            ("save_steps", knobs["save_steps"] is None or knobs["save_steps"] >= 1, ">= 1 (or None)"),
+            ("reference_batch_size", knobs["reference_batch_size"] >= 1, ">= 1"),
+            ("generation_batch_size", knobs["generation_batch_size"] >= 1, ">= 1"),
+            ("reward_epochs", finite(knobs["reward_epochs"]) and knobs["reward_epochs"] > 0, "a finite number > 0"),
+            ("num_train_epochs", finite(knobs["num_train_epochs"]), "finite"),
+            ("seed", 0 <= knobs["seed"] < 2**32, "in [0, 2**32)"),
+            ("data_seed", 0 <= knobs["data_seed"] < 2**32, "in [0, 2**32)"),
+            ("max_train_rows", knobs["max_train_rows"] is None or knobs["max_train_rows"] >= 1, ">= 1 (or None)"),
+            ("results_dir", bool(str(knobs["results_dir"]).strip()), "a folder (empty is the repository's root)"),
+            ("warmup_ratio", knobs["max_steps"] < 1 or math.ceil(knobs["warmup_ratio"] * knobs["max_steps"])
+             < knobs["max_steps"], f"small enough that some of the {knobs['max_steps']} steps leave warm-up "
+             "(a step in warm-up from 0 has learning rate 0)"),
+        ]  # fmt: skip
+        for knob, ok, need in rules:
+            if not ok:
+                raise UserError(f"{knob} must be {need}, got {knobs[knob]!r}")
+        pairs_needed = loss_fn.kind == "paired" or loss_fn.needs_reward_model
+        if pairs_needed and self.data.dataset not in ("offline", "ufb"):
+            why = "a reward model fit on pairs" if loss_fn.needs_reward_model else "paired rows"
+            raise UserError(
+                f"loss {self.loss} needs pairs ({why}), and dataset {self.data.dataset!r} has labelled rows only: "
+                "use ufb or offline"
+            )
+        on_policy = loss_fn.kind == "on_policy" or loss_fn.kl_coefficient > 0 or self.online
+        if self.data.dataset != "offline" and self.data.validation_fraction != DataConfig.validation_fraction:
+            raise UserError(f"validation_fraction applies to the offline set only, not to {self.data.dataset!r}")
+        if self.online and loss_fn.kind == "on_policy":
+            raise UserError(f"online: {self.loss} samples from the policy anyway; online applies to distillation")
+        if self.train.training_args and on_policy:
+            raise UserError(
+                f"training_args {sorted(self.train.training_args)} configure transformers' Trainer, which {self.loss} "
+                "(trained on-policy) does not use: they would only change the run's identity"
+            )
+        _check_training_args_values(self.train.training_args)
 
     def identity(self) -> dict[str, Any]:
         """The knobs that change the run's result (all but ``NOT_IDENTITY``, and of ``training_args`` all but
@@ -295,6 +354,30 @@ class RunConfig:
     def checkpoint_dir(self) -> Path:
         """Where training checkpoints go: an interrupted run resumes from them."""
         return self.run_dir() / "checkpoints"
+
+
+def _check_training_args_values(training_args: dict[str, Any]) -> None:
+    """``training_args`` that ``TrainingArguments`` itself refuses, or that the Trainer would refuse later (an
+    evaluation strategy with no evaluation set, a reporting integration that is not installed)."""
+    import tempfile
+
+    from transformers import TrainingArguments
+    from transformers.integrations import get_available_reporting_integrations
+
+    if training_args.get("eval_strategy", "no") != "no" or training_args.get("do_eval"):
+        raise UserError("training_args: eval_strategy / do_eval need an evaluation set, which runs do not pass")
+    if training_args.get("logging_strategy", "steps") != "steps":
+        raise UserError("training_args: logging_strategy must stay 'steps': a run's curves are its logged steps")
+    reports = training_args.get("report_to", [])
+    reports = [reports] if isinstance(reports, str) else list(reports)
+    missing = [r for r in reports if r not in ("none", "all") and r not in get_available_reporting_integrations()]
+    if missing:
+        raise UserError(f"training_args: report_to {missing} is not installed (pip install it, or report_to: none)")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            TrainingArguments(output_dir=tmp, use_cpu=True, **training_args)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"training_args: {' '.join(str(err).split())}") from None
 
 
 def _plain_folder_name(name: str) -> bool:

@@ -317,6 +317,7 @@ def tokenize_unpaired(
         counts["rows"] += 1
         counts["positives"] += bool(row["label"])
         rows.append({"prompt_ids": p, "completion_ids": c, "label": bool(row["label"])})
+    _refuse_all_cut(counts, counts["rows"], max_length)
     return rows, counts
 
 
@@ -341,7 +342,17 @@ def tokenize_paired(
         counts["truncated_prompts"] += len(p) < len(prompt)
         counts["truncated_completions"] += (len(ch) < len(chosen)) + (len(rj) < len(rejected))
         rows.append({"prompt_ids": p, "chosen_ids": ch, "rejected_ids": rj})
+    _refuse_all_cut(counts, 2 * counts["rows"], max_length)
     return rows, counts
+
+
+def _refuse_all_cut(counts: dict, completions: int, max_length: int) -> None:
+    """A data set whose every completion ``max_length`` cuts trains on fragments: refused, naming the knob."""
+    if completions and counts["truncated_completions"] == completions:
+        raise UserError(
+            f"max_length {max_length} cuts every one of the {completions} completions (prompts cut: "
+            f"{counts['truncated_prompts']} of {counts['rows']} rows): raise max_length or lower max_prompt_length"
+        )
 
 
 def prompt_key(messages: Messages) -> str:

@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from torch import nn
 
+from studylib.checks import UserError
 from studylib.lm.annotators import AnnotatorPool
 from studylib.lm.config import RunConfig
 from studylib.lm.data import (
@@ -222,6 +223,19 @@ def _pairs(config: RunConfig, data: PreferenceData, tokenizer, loss_fn: Loss) ->
     if data.paired is None:
         raise ValueError(f"{loss_fn.name} needs paired data; {config.data.dataset!r} is unpaired (use offline or ufb)")
     return tokenize_paired(data.paired, tokenizer, config.data.max_length, config.data.max_prompt_length)
+
+
+def check_batches_fit(config: RunConfig, data: PreferenceData, plan: TrainingPlan) -> None:
+    """Refuse an offline step larger than the training set (each step would silently repeat an epoch)."""
+    if plan.trainer != "offline":
+        return
+    rows = len(data.paired) if plan.rows == "paired" and data.paired is not None else len(data.unpaired)
+    per_step = config.train.batch_size * config.train.gradient_accumulation_steps
+    if per_step > rows:
+        raise UserError(
+            f"batch_size x gradient_accumulation_steps = {per_step} rows a step, but the training set has {rows} "
+            f"{plan.rows} rows: lower one of them"
+        )
 
 
 def reward_model_for(config: RunConfig, model, tokenizer, pair_rows: list[dict], runtime: Runtime):
@@ -453,6 +467,7 @@ def run_experiment(config: RunConfig) -> dict:
     data = load_preferences(config, model, tokenizer, pool, runtime)
     loss_fn = build_run_loss(config, data)
     plan = plan_training(loss_fn, config.online)
+    check_batches_fit(config, data, plan)
     if main_process:
         claim_run(config)
     runtime.wait_for_everyone()  # no process writes into the folder before the main process has claimed it

@@ -27,21 +27,21 @@ REDUCTIONS = ("per_class", "flat")
 
 def check_positive(name: str, value: float) -> float:
     """Return ``value`` as a float if it is a finite number > 0, else raise naming the knob."""
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
 def check_non_negative(name: str, value: float) -> float:
     """Return ``value`` as a float if it is a finite number >= 0, else raise naming the knob."""
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
 def check_fraction(name: str, value: float) -> float:
     """Return ``value`` if it lies strictly inside (0, 1), else raise naming the knob."""
-    if not isinstance(value, (int, float)) or not (0.0 < value < 1.0):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value < 1.0):
         raise ValueError(f"{name} must lie strictly inside (0, 1), got {value!r}")
     return float(value)
 

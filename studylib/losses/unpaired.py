@@ -43,6 +43,8 @@ class KTO(Loss):
         self.beta = check_positive("beta", beta)
         self.desirable_weight = check_non_negative("desirable_weight", desirable_weight)
         self.undesirable_weight = check_non_negative("undesirable_weight", undesirable_weight)
+        if self.desirable_weight == self.undesirable_weight == 0:
+            raise ValueError("desirable_weight and undesirable_weight are both 0: the loss would be 0 for every row")
 
     def __call__(
         self,
