@@ -359,10 +359,9 @@ class RunConfig:
 def _check_training_args_values(training_args: dict[str, Any]) -> None:
     """``training_args`` that ``TrainingArguments`` itself refuses, or that the Trainer would refuse later (an
     evaluation strategy with no evaluation set, a reporting integration that is not installed)."""
-    import tempfile
-
-    from transformers import TrainingArguments
     from transformers.integrations import get_available_reporting_integrations
+    from transformers.trainer_utils import HubStrategy, SaveStrategy
+    from transformers.training_args import OptimizerNames
 
     if training_args.get("eval_strategy", "no") != "no" or training_args.get("do_eval"):
         raise UserError("training_args: eval_strategy / do_eval need an evaluation set, which runs do not pass")
@@ -373,11 +372,13 @@ def _check_training_args_values(training_args: dict[str, Any]) -> None:
     missing = [r for r in reports if r not in ("none", "all") and r not in get_available_reporting_integrations()]
     if missing:
         raise UserError(f"training_args: report_to {missing} is not installed (pip install it, or report_to: none)")
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            TrainingArguments(output_dir=tmp, use_cpu=True, **training_args)
-    except (ValueError, TypeError) as err:
-        raise UserError(f"training_args: {' '.join(str(err).split())}") from None
+    # enum-valued fields, checked by their enums (building TrainingArguments here would set up accelerate's process
+    # state, on the CPU, before the run's own runtime: a run's device must have one owner)
+    enums = {"optim": OptimizerNames, "save_strategy": SaveStrategy, "hub_strategy": HubStrategy}
+    for field_name, enum in enums.items():
+        if field_name in training_args and training_args[field_name] not in {e.value for e in enum}:
+            allowed = ", ".join(sorted(e.value for e in enum))
+            raise UserError(f"training_args: {field_name} {training_args[field_name]!r} is not one of {allowed}")
 
 
 def _plain_folder_name(name: str) -> bool:
