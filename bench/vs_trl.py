@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -43,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from studylib.lm.runtime import processor_name  # noqa: E402
 from studylib.results import write_atomic  # noqa: E402
 
 # case: (our loss, TRL's trainer, precision, reference)
@@ -56,13 +56,6 @@ CASES = {
     "rdro-bf16-pre": ("rdro", "kto", "bf16", "precomputed"),  # ours: RDRO; TRL: its KTO (no RDRO there)
 }
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
-
-
-def processor_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def matmul_peak(

@@ -392,18 +392,11 @@ def machine() -> dict[str, Any]:
     """What a run's time was measured on (recorded with each executed run in ``study-<profile>.json``): the
     processor, its cores, and whether it runs bf16 natively."""
     import os
-    import platform
 
-    from studylib.lm.runtime import cpu_bf16_support
+    from studylib.lm.runtime import cpu_bf16_support, processor_name
 
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-            break
     native, why = cpu_bf16_support()
-    return {"processor": name, "cores": os.cpu_count(), "native_bf16": native, "bf16_decided_by": why}
+    return {"processor": processor_name(), "cores": os.cpu_count(), "native_bf16": native, "bf16_decided_by": why}
 
 
 def run_study(

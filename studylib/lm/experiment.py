@@ -18,7 +18,6 @@ them and ``run_experiment`` can do the whole thing (``python -m studylib train -
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import random
@@ -115,11 +114,6 @@ def load_policy(config: RunConfig, runtime: Runtime) -> tuple[nn.Module, Any]:
         tokenizer = tiny_tokenizer()
         return runtime.place(tiny_model(tokenizer, seed=config.train.seed)), tokenizer
     return load_model(config.model, device=runtime.device)
-
-
-def train_config(config: RunConfig, runtime: Runtime):
-    """``config.train`` with ``bf16`` as the runtime decided it (a config may say "auto")."""
-    return dataclasses.replace(config.train, bf16=runtime.bf16)
 
 
 def load_preferences(
@@ -359,7 +353,7 @@ def evaluate_policy(
     float32: the same policy up to rounding, per-sequence log-probs differing by 0.37 nats sd on the 135M model,
     and the evaluation about a tenth slower: ``bench/eval_cost.py``.)
     """
-    with autocast_context(policy, train_config(config, runtime), runtime.device):
+    with autocast_context(policy, runtime.resolve(config.train), runtime.device):
         return evaluate(
             policy,
             tokenizer,

@@ -44,7 +44,6 @@ process; the forward and backward passes are split. The main process writes the 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -128,7 +127,7 @@ class OnlineTrainer:
     ) -> None:
         self.runtime = runtime if runtime is not None else make_runtime(config.bf16)
         self.device = self.runtime.device
-        config = dataclasses.replace(config, bf16=self.runtime.bf16)
+        config = self.runtime.resolve(config)
         self.config, self.tokenizer, self.loss_fn, self.reward_fn = config, tokenizer, loss_fn, reward_fn
         self.pair_rows = list(pair_rows) if pair_rows else None
         self.prompt_ids = [list(p) for p in prompt_ids] if prompt_ids else None

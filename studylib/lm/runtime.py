@@ -20,18 +20,30 @@ elsewhere, with the reason recorded beside the run (``Runtime.record``):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import platform
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 BF16_SETTINGS = (True, False, "auto")
+TrainConfigT = TypeVar("TrainConfigT")
+
+
+def processor_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows: named beside every timing."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def process_state():
@@ -123,6 +135,10 @@ class Runtime:
         """A barrier over the processes (nothing with one)."""
         if self.num_processes > 1:
             process_state().wait_for_everyone()
+
+    def resolve(self, config: TrainConfigT) -> TrainConfigT:
+        """``config`` (a ``TrainConfig``) with ``bf16`` as this runtime decided it (a config may say "auto")."""
+        return dataclasses.replace(config, bf16=self.bf16)
 
     def record(self) -> dict[str, Any]:
         """What ``metrics.json`` says about where and how the run computed."""

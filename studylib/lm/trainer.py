@@ -25,7 +25,6 @@ processes' gradients is their sum, the whole micro-batch's gradient (``batching.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -388,7 +387,7 @@ def build_trainer(
     """
     check_rows(rows, loss_fn)
     runtime = runtime if runtime is not None else make_runtime(config.bf16)
-    config = dataclasses.replace(config, bf16=runtime.bf16)
+    config = runtime.resolve(config)
     pad_id = pad_token_id(tokenizer)
     model, reference = policy_and_reference(model, config, loss_fn.needs_reference, reference_model, runtime.device)
     record_training_config(output_dir, loss_fn, config)  # never resume another run's checkpoints
