@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
@@ -33,6 +34,8 @@ def _excess_panel(ax: plt.Axes, part: pd.DataFrame, falls: pd.DataFrame) -> None
         row = falls[falls["method"] == method]
         fall = row["fall"].iloc[0] if len(row) else float("nan")
         label = f"{method}: " + ("reaches the floor" if math.isinf(fall) else f"falls {fall:.3g}x")
+        if len(row):
+            label += f" [{row['fall_low'].iloc[0]:.3g}, {row['fall_high'].iloc[0]:.3g}], {row['verdict'].iloc[0]}"
         n, mean, sd = group["n"], group["excess_mean"], group["excess_sd"].fillna(0)
         shown = mean > 0  # an excess at or below 0 (the floor reached) has no place on log axes
         if (~shown).any():
@@ -49,26 +52,21 @@ def _excess_panel(ax: plt.Axes, part: pd.DataFrame, falls: pd.DataFrame) -> None
 
 
 def plot_consistency(
-    summary: pd.DataFrame, fall_table: pd.DataFrame, setting: str, model: str, slower: pd.DataFrame | None = None
+    summary: pd.DataFrame, fall_table: pd.DataFrame, limits: pd.DataFrame, setting: str, model: str
 ) -> Figure:
     """One setting: seed-mean excess KL (band: +- 1 sd over seeds) against n on log-log axes, held-out prompts left
-    and training prompts right; each method's fall from the smallest to the largest n in its legend. ``slower``
-    (setting, method, split, n, excess, lr, steps): reruns at a lower rate, drawn dashed with hollow markers."""
+    and training prompts right; each method's fall from the smallest to the largest n with its bootstrap interval
+    and verdict in its legend, and its infinite-data limit (``limits``) as a dashed line in its colour."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 6.2), sharey=True)
     unit = "pairs" if setting in ("S1", "S3") else "labelled rows"
     for ax, split in zip(axes, ("heldout", "train"), strict=True):
         part = summary[(summary["setting"] == setting) & (summary["split"] == split)]
         fell = fall_table[(fall_table["setting"] == setting) & (fall_table["split"] == split)]
         _excess_panel(ax, part, fell)
-        extra = (
-            pd.DataFrame() if slower is None else slower[(slower["setting"] == setting) & (slower["split"] == split)]
-        )
-        for method, group in extra.groupby("method", sort=False):
-            kw = style(method)
-            first = group.iloc[0]
-            label = f"{method} at lr {first['lr']:.3g}, {int(first['steps'])} steps (seed {int(first['seed'])})"
-            shown = group[group["excess"] > 0]
-            ax.loglog(shown["n"], shown["excess"], ls="--", mfc="white", label=label, **kw)
+        for row in limits[limits["setting"] == setting].itertuples():
+            value = getattr(row, f"limit_excess_{split}")
+            if value > 0:
+                ax.axhline(value, color=style(row.method)["color"], ls="--", lw=1, alpha=0.8)
         sizes = sorted(part["n"].unique())
         ax.set_xticks(sizes, [f"$2^{{{math.log2(n):g}}}$" for n in sizes])
         ax.xaxis.set_minor_locator(NullLocator())
@@ -77,6 +75,7 @@ def plot_consistency(
         ax.set(xlabel=f"n, data set size ({unit}, log scale)", title=f"{setting}, {where}")
         handles, _ = ax.get_legend_handles_labels()
         handles.append(Patch(color="grey", alpha=0.25, label="band: +- 1 sd over seeds"))
+        handles.append(Line2D([], [], color="grey", ls="--", lw=1, label="dashed: the method's infinite-data limit"))
         ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     axes[0].set_ylabel(f"{EXCESS_UNIT}, log scale")
     floor = summary.loc[summary["setting"] == setting].groupby("split")["floor_mean"].mean()
@@ -92,14 +91,14 @@ def plot_consistency(
 CURVE_PANELS = (
     ("ratio_max", "max exp T over the data's cells\n(log scale, dimensionless)", True),
     ("grad_norm", "adapter gradient norm\n(log scale)", True),
-    ("guard_total", "DDRO guard activations so far\n(rows, cumulative)", False),
+    ("guard_total", "DDRO guard activations so far\n(cells past the guard, summed over steps)", False),
 )
 
 
 def plot_training_curves(curves: pd.DataFrame, n: int, one_over_alpha: dict[str, float]) -> Figure:
     """Per setting (columns): the largest ratio ``exp T`` (with RDRO's ``1/alpha``), the gradient norm and DDRO's
     cumulative guard activations against the step, for the runs of size ``n`` (seed of ``curves``)."""
-    part = curves[curves["n"] == n].copy()
+    part = curves[curves["n"].eq(n).fillna(False).astype(bool)].copy()
     part["guard_total"] = part.groupby(["setting", "method"])["guard"].cumsum()
     settings = list(part["setting"].unique())
     fig, axes = plt.subplots(3, len(settings), figsize=(5.2 * len(settings), 9.5), sharex=True, squeeze=False)

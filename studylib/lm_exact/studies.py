@@ -1,11 +1,12 @@
-"""Notebook 06's steps: run the answer-set study and write its tables and figures through ``studylib.results``
-(atomic, stamped), so the notebook holds only the story.
+"""Notebook 06's steps: run the answer-set study's protocol (``protocol.py``) and write its tables and figures through
+``studylib.results`` (atomic, stamped), so the notebook holds only the story.
 
 Written to ``out_dir``: ``consistency.csv`` (``setting, method, n, seed, split, kl, floor_kl``), ``excess`` (seed
-means per n), ``falls`` (the claims' table), ``runs`` (one row per training run: KLs, seconds, largest gradient norm
-and ratio, guard activations, convergence), ``floors``, ``pilot``, ``curves`` (every step of the ``curve_seed``
-runs), ``alpha_sweep``, ``timing``; figures ``consistency_<setting>.png``, ``training_curves.png``,
-``alpha_sweep.png``.
+means per n), ``falls`` (the claims' table, with bootstrap intervals), ``limits`` (each method's infinite-data
+limit), ``lr_grid`` (every rate of every method), ``convergence`` (doubled steps), ``guard_eps`` (DDRO's guard),
+``runs`` (one row per training run: KLs, objective, rate, seconds, largest gradient norm and ratio, guard
+activations), ``floors``, ``floor_lr``, ``curves`` (every step of data seed 0's runs at the chosen rates),
+``alpha_sweep``, ``timing``; figures ``consistency_<setting>.png``, ``training_curves.png``, ``alpha_sweep.png``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from studylib.lm_exact import experiment, plots, story
+from studylib.lm_exact import experiment, plots, protocol, story
 from studylib.lm_exact.train import TrainSettings
 from studylib.results import save_figure, save_table
 
@@ -26,18 +27,20 @@ from studylib.results import save_figure, save_table
 class StudyResult:
     """The tables of one execution of the study."""
 
-    lr: float
-    pilot: pd.DataFrame
+    floor_lr: pd.DataFrame
     floors: pd.DataFrame
+    lr_grid: pd.DataFrame
     runs: pd.DataFrame
     curves: pd.DataFrame
     consistency: pd.DataFrame
     excess: pd.DataFrame
+    limits: pd.DataFrame
+    convergence: pd.DataFrame
     falls: pd.DataFrame
+    guard: pd.DataFrame
     sweep: pd.DataFrame
     timing: pd.DataFrame
     one_over_alpha: dict[str, float]
-    slower: pd.DataFrame
 
 
 def run_study(
@@ -46,51 +49,83 @@ def run_study(
     sizes: Sequence[int],
     seeds: int,
     lr_grid: Sequence[float],
+    floor_lr_grid: Sequence[float],
     steps: int,
     floor_steps: int,
     lora_r: int,
+    guard_eps: float,
+    guard_eps_grid: Sequence[float],
     alphas: Sequence[float],
     alpha_settings: Sequence[str],
     alpha_n: int,
-    slower: tuple[str, str, float] | None = None,
+    init_seed_base: int,
 ) -> StudyResult:
-    """The pilot (choosing the one learning rate), the floors, every method x size x seed, the alpha sweep, and
-    ``slower = (setting, method prefix, factor)``: that method rerun at the rate / factor for factor x the steps, at
-    the smallest and largest n, seed 0."""
-    clock = dict(prepared.seconds)
-    start = time.perf_counter()
-    pilot = experiment.pilot(prepared, lr_grid, TrainSettings(steps=steps, rank=lora_r))
-    lr = experiment.choose_lr(pilot)
-    train = TrainSettings(lr=lr, steps=steps, rank=lora_r)
-    clock["pilot"], start = time.perf_counter() - start, time.perf_counter()
-    seed_list = list(range(seeds))
-    floors = experiment.floors(prepared, seed_list, TrainSettings(lr=lr, steps=floor_steps, rank=lora_r))
-    clock["floors"], start = time.perf_counter() - start, time.perf_counter()
-    runs, curves = experiment.method_runs(prepared, sizes, seed_list, train)
-    clock["method_runs"], start = time.perf_counter() - start, time.perf_counter()
+    """The protocol's seven steps, in order (``protocol``'s docstring), and the tables of findings."""
+    clock, start = dict(prepared.seconds), time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal start
+        clock[name], start = time.perf_counter() - start, time.perf_counter()
+
+    train, floor_train = TrainSettings(steps=steps, rank=lora_r), TrainSettings(steps=floor_steps, rank=lora_r)
+    seed_list, base = list(range(seeds)), init_seed_base
+    floor_lr = protocol.choose_floor_lrs(prepared, floor_lr_grid, floor_train, base)
+    floor_lrs = dict(
+        zip(floor_lr.loc[floor_lr["chosen"], "setting"], floor_lr.loc[floor_lr["chosen"], "lr"], strict=True)
+    )
+    floors = protocol.floors(prepared, seed_list, floor_train, floor_lrs, base)
+    lap("floors")
+    grid, curves = protocol.lr_grid_runs(prepared, sizes, lr_grid, train, guard_eps, base)
+    lrs = protocol.chosen_lrs(grid)
+    lap("lr_grid")
+    runs = protocol.method_runs(prepared, sizes, seed_list, train, lrs, guard_eps, base, grid[grid["chosen"]])
+    lap("sizes_x_seeds")
+    doubled = protocol.doubled_runs(prepared, sizes, train, lrs, guard_eps, base)
+    doubled_floors = protocol.doubled_floors(prepared, floor_train, floor_lrs, base)
+    lap("doubled_steps")
+    guard = protocol.guard_sensitivity(prepared, sizes, guard_eps_grid, train, lrs, base)
+    lap("guard_eps")
     sweeps = [
-        experiment.alpha_sweep(prepared, s, alphas, alpha_n, seed_list, train)
+        protocol.alpha_sweep(prepared, s, alphas, alpha_n, seed_list, _rdro_train(train, lrs, s), base)
         for s in alpha_settings
         if s in prepared.settings
     ]
-    clock["alpha_sweep"], start = time.perf_counter() - start, time.perf_counter()
-    slow = pd.DataFrame()
-    if slower is not None:
-        setting, prefix, factor = slower
-        slow = experiment.slower_runs(prepared, setting, prefix, [min(sizes), max(sizes)], [0], train, factor)
-        clock["slower_runs"] = time.perf_counter() - start
-    consistency = experiment.consistency_table(runs, floors)
+    lap("alpha_sweep")
+    long = story.excess_long(runs, floors)
+    convergence = story.convergence_table(runs, doubled, floors, doubled_floors)
+    limits = story.limits(long, convergence, lrs)
+    consistency = story.consistency_table(runs, floors)
     excess = story.excess_summary(consistency)
-    timing = pd.DataFrame({"step": list(clock), "seconds": list(clock.values())})
+    falls = story.falls(long, limits, convergence, lrs)
+    lap("intervals")
     one_over_alpha = {
         name: 1 / m.knobs["alpha"]
         for name, setting in prepared.settings.items()
         for m in experiment.lm_methods(setting)
         if "alpha" in m.knobs and m.knobs.get("reduction", "per_class") == "per_class"  # RDRO: its target <= 1/alpha
     }
-    sweep = pd.concat(sweeps, ignore_index=True) if sweeps else pd.DataFrame()
-    falls = story.falls(excess)
-    return StudyResult(lr, pilot, floors, runs, curves, consistency, excess, falls, sweep, timing, one_over_alpha, slow)
+    return StudyResult(
+        floor_lr,
+        floors,
+        story.lr_table(grid, floors),
+        runs,
+        curves,
+        consistency,
+        excess,
+        limits,
+        convergence,
+        falls,
+        story.guard_table(guard, floors),
+        pd.concat(sweeps, ignore_index=True) if sweeps else pd.DataFrame(),
+        pd.DataFrame({"step": list(clock), "seconds": list(clock.values())}),
+        one_over_alpha,
+    )
+
+
+def _rdro_train(train: TrainSettings, lrs: dict[tuple[str, str], float], setting: str) -> TrainSettings:
+    """The alpha sweep's optimiser: per-class RDRO's chosen rate in ``setting``."""
+    rate = next(lr for (s, m), lr in lrs.items() if s == setting and m.startswith("RDRO") and "flat" not in m)
+    return TrainSettings(lr=rate, steps=train.steps, warmup=train.warmup, rank=train.rank)
 
 
 def save_study(result: StudyResult, out: Path, stamp: dict, curve_n: int, model: str) -> None:
@@ -98,20 +133,22 @@ def save_study(result: StudyResult, out: Path, stamp: dict, curve_n: int, model:
     tables = {
         "excess": result.excess,
         "falls": result.falls,
+        "limits": result.limits,
+        "lr_grid": result.lr_grid,
+        "convergence": result.convergence,
+        "guard_eps": result.guard,
         "runs": result.runs,
         "floors": result.floors,
-        "pilot": result.pilot,
+        "floor_lr": result.floor_lr,
         "alpha_sweep": result.sweep,
         "timing": result.timing,
-        "slower_runs": result.slower,
     }
     save_table(result.consistency, out / "consistency", stamp, markdown=False)
     save_table(result.curves, out / "curves", stamp, markdown=False)
     for name, table in tables.items():
         save_table(table, out / name, stamp)
     for setting in result.excess["setting"].unique():
-        slower = story.slower_excess(result.slower, result.floors)
-        figure = plots.plot_consistency(result.excess, result.falls, setting, model, slower)
+        figure = plots.plot_consistency(result.excess, result.falls, result.limits, setting, model)
         setting_stamp = stamp | {"params": stamp["params"] | {"setting": setting}}
         save_figure(figure, out / f"consistency_{setting}.png", setting_stamp)
     curves = plots.plot_training_curves(result.curves, curve_n, result.one_over_alpha)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from studylib.toy.fit import fit_reward_model
-from studylib.toy.problems import TabularProblem, count_cells, make_problem, on_reference, sample_rows
+from studylib.toy.problems import TabularProblem, make_problem, on_reference, sample_rows
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,11 @@ class LMSetting:
         """The first ``n`` rows of seed ``seed``'s stream on the training prompts (nested in ``n``)."""
         return sample_rows(self.train, n, seed)
 
-    def reward_table(self, rows: dict[str, np.ndarray], ridge: float = 1.0) -> Tensor:
-        """A Bradley-Terry reward per (training prompt, candidate), fitted on the pairs ``rows`` by the toy's exact
-        solver (a ridge worth ``ridge`` rows toward 0): distillation's soft labels and reverse KL's reward."""
-        rewards, _ = fit_reward_model(self.train, count_cells(self.train, rows)[None], ridge)
+    def reward_table(self, pair_counts: np.ndarray, ridge: float = 1.0) -> Tensor:
+        """A Bradley-Terry reward per (training prompt, candidate), fitted on pair counts (C, K, K) by the toy's exact
+        solver (a ridge worth ``ridge`` rows toward 0): distillation's soft labels and reverse KL's reward. On the
+        population's expected counts (``objectives.population_cells``) the ridge vanishes."""
+        rewards, _ = fit_reward_model(self.train, np.asarray(pair_counts)[None], ridge)
         return rewards[0].to(torch.float64)
 
 
