@@ -67,9 +67,9 @@ def _exact_columns(falls: pd.DataFrame) -> dict[str, dict[str, str]]:
     """Notebook 06: each method's held-out excess-KL fall per setting (the language model, exactly)."""
     out: dict[str, dict[str, str]] = {}
     for _, row in falls[falls["split"] == "heldout"].iterrows():
-        verdict = "falls" if row["falls"] else "does not fall"
-        out.setdefault(method_key(row["method"]), {})[f"{row['setting']} LM exact fall"] = (
-            f"{row['fall']:.1f}x ({verdict})"
+        verdict = {"holds": "falls", "fails": "does not fall"}.get(row["verdict"], "undecided")
+        out.setdefault(method_key(row["method"]), {})[f"{row['setting']} LM exact fall [95% interval]"] = (
+            f"{row['fall']:.1f}x [{row['fall_low']:.1f}, {row['fall_high']:.1f}] ({verdict})"
         )
     return out
 
@@ -99,5 +99,5 @@ def summary_table(
         )
     table = pd.DataFrame(rows).fillna("")
     first = ["family", "method", "target", "assumption", "S1 slope", "S2 slope", "S3 slope"]
-    first += ["S1 LM exact fall", "S2 LM exact fall", "S3 LM exact fall"]
+    first += [f"{s} LM exact fall [95% interval]" for s in ("S1", "S2", "S3")]
     return table[[c for c in first if c in table] + [c for c in table if c not in first]]

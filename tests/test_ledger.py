@@ -33,7 +33,8 @@ def test_a_verdict_follows_its_numbers():
     rdro = base.index[base.index.str.startswith("RDRO (per-class")][0]
     assert base[rdro] == "supported"
     broken = falls.copy()
-    broken.loc[(broken["method"].str.startswith("RDRO per-class")) & (broken["split"] == "heldout"), "falls"] = False
+    per_class = broken["method"].str.startswith("RDRO per-class") & (broken["split"] == "heldout")
+    broken.loc[per_class, "verdict"] = "fails"
     assert claims_ledger(slopes, spread, broken, runs, lm).set_index("claim")["verdict"][rdro] == "partly"
     flat_toy = slopes.copy()
     flat_toy.loc[flat_toy["method"] == "DDRO", ["slope", "kl_limit"]] = [0.1, 0.5]

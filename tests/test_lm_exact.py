@@ -11,12 +11,12 @@ import torch
 
 from studylib.lm.tiny import tiny_model, tiny_tokenizer
 from studylib.lm_exact.candidates import CandidateTokenError, candidate_ids, category_ids
-from studylib.lm_exact.experiment import lm_methods, method_objective, prepare
+from studylib.lm_exact.experiment import data_cells, lm_methods, method_objective, prepare
 from studylib.lm_exact.features import answer_features, last_block
-from studylib.lm_exact.objectives import floor_objective, loss_objective
+from studylib.lm_exact.objectives import floor_objective, loss_objective, sample_cells
 from studylib.lm_exact.policy import AnswerSetPolicy, reference_log_probs
 from studylib.lm_exact.prompts import build_prompts, load_candidates, load_prompts
-from studylib.lm_exact.train import TrainSettings, policy_log_probs, train_policy
+from studylib.lm_exact.train import TrainSettings, objective_value, policy_log_probs, train_policy
 from studylib.losses import get_loss
 from studylib.toy.problems import forward_kl
 
@@ -118,11 +118,14 @@ def test_a_short_run_lowers_the_kl(prepared):
     lm = prepared.settings["S1"]
     reference_kl = forward_kl(lm.train.target, prepared.log_ref["train"].numpy())
     method = lm_methods(lm)[1]  # RDRO (alpha=1/2)
-    objective = method_objective(prepared, lm, method, 4096, seed=0)
+    objective = method_objective(prepared, lm, method, data_cells(lm, 4096, seed=0))
+    before = AnswerSetPolicy.for_features(prepared.features["train"], seed=0)
     policy, curve, _ = train_policy(
-        prepared.features["train"], prepared.log_ref["train"], objective, TrainSettings(lr=0.03, steps=40), seed=0
+        prepared.features["train"], prepared.log_ref["train"], objective, TrainSettings(lr=0.03, steps=40), init_seed=0
     )
-    assert curve["loss"].iloc[-1] < curve["loss"].iloc[0]
+    features = prepared.features["train"]
+    assert objective_value(objective, policy, features) < objective_value(objective, before, features)
+    assert list(curve.columns) == ["step", "grad_norm", "ratio_max", "guard"] and len(curve) == 40
     assert forward_kl(lm.train.target, policy_log_probs(policy, prepared.features["train"]).numpy()) < reference_kl
     floor, _, _ = train_policy(
         prepared.features["train"],
@@ -142,15 +145,31 @@ def test_objectives_feed_the_registry_losses(prepared):
         log_ref + 0.3 * torch.randn(log_ref.shape, generator=torch.Generator().manual_seed(0)), -1
     )
     rows = lm.rows(256, seed=0)
+    data = sample_cells(lm.train, rows)
     x, w, l_ = (torch.as_tensor(rows[k]) for k in ("context", "winner", "loser"))
     dpo = get_loss("dpo", beta=1.0)
-    value, _ = loss_objective(dpo, lm.train, rows, log_ref)(log_pi)
+    value = loss_objective(dpo, lm.train, data, log_ref).value(log_pi)
     want, _ = dpo(log_pi[x, w], log_pi[x, l_], log_ref[x, w], log_ref[x, l_])
-    assert value.item() == pytest.approx(want.item(), rel=1e-12)
-    rewards = lm.reward_table(rows)
+    assert value == pytest.approx(want.item(), rel=1e-12)
+    rewards = lm.reward_table(data.counts)
     reverse_kl = get_loss("reverse_kl", gamma=0.5, beta=0.0)
-    value, _ = loss_objective(reverse_kl, lm.train, rows, log_ref, rewards)(log_pi)
+    value, _ = loss_objective(reverse_kl, lm.train, data, log_ref, rewards)(log_pi)
     assert value.item() == pytest.approx(reverse_kl.exact(log_pi, log_ref, rewards).item() / len(log_pi), rel=1e-12)
+
+
+def test_ddro_gets_the_guard_eps_of_the_study(prepared):
+    setting = prepared.settings["S1"]
+    ddro = next(m for m in lm_methods(setting, guard_eps=0.2) if m.loss == "ddro")
+    population = data_cells(setting, None, seed=0)  # every cell, both labels
+    ref = prepared.log_ref["train"].exp()
+    rows, rarest = torch.arange(len(ref)), ref.argmin(1)
+    policy = ref * ((1 - 1.9 * ref[rows, rarest]) / (1 - ref[rows, rarest]))[:, None]
+    policy[rows, rarest] = 1.9 * ref[rows, rarest]  # exp T = 1.9 on each prompt's rarest answer, below 1 elsewhere
+    guarded = method_objective(prepared, setting, ddro, population)(policy.log())[1]["guard/activations"]
+    default = next(m for m in lm_methods(setting) if m.loss == "ddro")
+    assert default.knobs["guard_eps"] == 0.01
+    unguarded = method_objective(prepared, setting, default, population)(policy.log())[1]["guard/activations"]
+    assert guarded.item() == len(ref) and unguarded.item() == 0
 
 
 def test_a_candidate_that_is_not_one_token_fails_clearly(tiny):

@@ -17,9 +17,11 @@ SMALL = {
     "settings": ["S1", "S2"],
     "log2_sizes": [8, 9, 11],
     "seeds": 2,
-    "lr_grid": [0.03],
+    "lr_grid": [0.01, 0.03],
+    "floor_lr_grid": [0.03],
     "steps": 12,
     "floor_steps": 24,
+    "guard_eps_grid": [0.01, 0.1],
     "alphas": [0.1, 0.2, 0.3, 0.5, 0.8],
     "alpha_log2n": 9,
 }
@@ -38,6 +40,36 @@ def test_notebook_writes_the_tables_and_figures(tmp_path):
     assert table.groupby(["setting", "method", "n", "split"]).size().eq(2).all()
     falls = pd.read_csv(tmp_path / "falls.csv")
     assert {"DDRO", "RDRO (alpha=1/2)", "DPO (beta=1)", "KTO (beta=1)"} <= set(falls["method"])
+    falls = falls.set_index(["setting", "method", "split"])
+    assert (falls["seeds"] == 2).all() and (falls["fall_low"] <= falls["fall"]).all()
+    assert (falls["fall"] <= falls["fall_high"]).all() and (falls["slope_low"] <= falls["slope_high"]).all()
+    assert set(falls["verdict"]) <= {"holds", "fails", "undecided"}
+    limits = pd.read_csv(tmp_path / "limits.csv")
+    assert list(limits.columns[:7]) == [
+        "setting",
+        "method",
+        "lr",
+        "limit_excess_heldout",
+        "limit_excess_train",
+        "floor_heldout",
+        "floor_train",
+    ]
+    assert len(limits) == 8 and set(limits["lr"]) <= {0.01, 0.03}
+    grid = pd.read_csv(tmp_path / "lr_grid.csv")
+    assert len(grid) == 16 and grid.groupby(["setting", "method"])["chosen"].sum().eq(1).all()
+    chosen = grid[grid["chosen"]].set_index(["setting", "method"])["lr"]
+    for (setting, method), lr in chosen.items():  # the rate rule 2 chose is the one each method's runs used
+        assert falls.loc[(setting, method, "heldout"), "lr"] == lr
+    best = grid.loc[grid.groupby(["setting", "method"])["objective_at_n_max"].idxmin()]
+    assert best["chosen"].all()
+    convergence = pd.read_csv(tmp_path / "convergence.csv")
+    assert len(convergence) == 8 * 4 + 2 and {"heldout_steps", "heldout_doubled", "converged"} <= set(
+        convergence.columns
+    )
+    guard = pd.read_csv(tmp_path / "guard_eps.csv")
+    assert sorted(guard["guard_eps"].unique()) == [0.01, 0.1] and len(guard) == 2 * 2 * 3
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert (runs["init_seed"] == 1000 + runs["seed"]).all()
     sweep = pd.read_csv(tmp_path / "alpha_sweep.csv")
     assert sorted(sweep["alpha"].unique()) == SMALL["alphas"] and len(sweep) == 10
     curves = pd.read_csv(tmp_path / "curves.csv")
@@ -47,6 +79,7 @@ def test_notebook_writes_the_tables_and_figures(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
         stamp = json.loads(png.with_name(png.name + ".json").read_text())
         assert stamp["params"]["log2_sizes"] == [8, 9, 11] and stamp["seed"]["data_seeds"] == [0, 1]
+        assert stamp["seed"]["init_seeds"] == [1000, 1001]
     executed = nbformat.read(output, as_version=4)
     shown = "\n".join(
         o["data"]["text/markdown"]
@@ -55,7 +88,7 @@ def test_notebook_writes_the_tables_and_figures(tmp_path):
         for o in c.get("outputs", [])
         if "data" in o and "text/markdown" in o["data"]
     )
-    assert "- **S1**: DDRO" in shown and "Chosen: **0.03**" in shown
+    assert "- **S1**: DDRO" in shown and "Floors' learning rates (rule 1, lowest training KL): S1 0.03" in shown
 
 
 def test_notebook_is_stored_clean_and_holds_the_story():

@@ -4,7 +4,7 @@ Each prompt asks for a person's favourite item of a category ("Anna's favourite 
 token. ``data/lm_exact/prompts.jsonl`` holds the prompts (id, category, name, template, prompt, split) and
 ``data/lm_exact/candidates.json`` the K candidate words of each category, written with a leading space as the
 tokenizer sees them after the prompt. ``python -m studylib.lm_exact.prompts`` rewrites the prompt file from the
-templates below (a test checks the committed file is exactly that). The held-out split is a seeded quarter of each
+templates below (a test checks the committed file is exactly that). The held-out split is a seeded half of each
 category's prompts: held-out prompts share categories (so preferences) with training prompts, never a prompt.
 """
 
@@ -42,7 +42,7 @@ HELDOUT_FRACTION = 0.5
 
 
 def build_prompts(seed: int = 0) -> pd.DataFrame:
-    """Every (category, template, name) prompt, with a seeded held-out quarter per category."""
+    """Every (category, template, name) prompt, with a seeded held-out half (``HELDOUT_FRACTION``) per category."""
     rng = np.random.default_rng(seed)
     rows = []
     for category, noun in NOUNS.items():

@@ -86,34 +86,35 @@ def excess_summary(consistency: pd.DataFrame) -> pd.DataFrame:
 
 def _fall_and_slope(means: np.ndarray, log_n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows of seed-mean excesses (..., sizes): the fall first / last (inf when the last is <= 0, NaN when the first
-    is) and the least-squares log-log slope (NaN unless every mean is > 0)."""
+    is) and the least-squares log-log slope over the sizes whose mean is > 0 (NaN with fewer than two)."""
     first, last = means[..., 0], means[..., -1]
     with np.errstate(divide="ignore", invalid="ignore"):
         fall = np.where(first <= 0, np.nan, np.where(last <= 0, np.inf, first / last))
-        x = log_n - log_n.mean()
-        y = np.log(np.where(means > 0, means, np.nan))
-        slope = ((y - y.mean(-1, keepdims=True)) * x).sum(-1) / (x**2).sum()
-    return fall, slope
+        w = (means > 0).astype(float)
+        y = np.log(np.where(means > 0, means, 1.0))
+        count = w.sum(-1, keepdims=True)
+        x_bar, y_bar = (w * log_n).sum(-1, keepdims=True) / count, (w * y).sum(-1, keepdims=True) / count
+        slope = (w * (log_n - x_bar) * (y - y_bar)).sum(-1) / (w * (log_n - x_bar) ** 2).sum(-1)
+    return fall, np.where(count[..., 0] >= 2, slope, np.nan)
 
 
 def bootstrap_falls(
     excess: np.ndarray, sizes: np.ndarray, n_resamples: int = N_RESAMPLES, level: float = 0.95, seed: int = 0
 ) -> dict[str, float]:
     """Percentile bootstrap over seeds of the fall and the slope of the seed-mean excess: ``excess`` (seeds, sizes),
-    seeds resampled with replacement ``n_resamples`` times (a seeded generator). A resample whose means are not all
-    > 0 has no slope and is left out of the slope's interval."""
+    seeds resampled with replacement ``n_resamples`` times (a seeded generator). Percentiles are read off the
+    resamples themselves (a fall that reaches the floor is inf); resamples without a fall or a slope are left out."""
     excess = np.asarray(excess, float)
     rng = np.random.default_rng([seed, *excess.shape])
     means = excess[rng.integers(0, len(excess), size=(n_resamples, len(excess)))].mean(1)
     fall, slope = _fall_and_slope(means, np.log(np.asarray(sizes, float)))
-    tail = 100 * (1 - level) / 2
-    fall_low, fall_high = (
-        np.nanpercentile(fall, [tail, 100 - tail])
-        if np.isfinite(fall).any() or np.isinf(fall).any()
-        else (np.nan, np.nan)
-    )
-    has_slope = np.isfinite(slope)
-    slope_low, slope_high = np.percentile(slope[has_slope], [tail, 100 - tail]) if has_slope.any() else (np.nan, np.nan)
+    tails = [(1 - level) / 2, (1 + level) / 2]
+
+    def interval(values: np.ndarray) -> list[float]:
+        values = values[~np.isnan(values)]
+        return list(np.quantile(values, tails, method="inverted_cdf")) if len(values) else [np.nan, np.nan]
+
+    (fall_low, fall_high), (slope_low, slope_high) = interval(fall), interval(slope)
     return {"fall_low": fall_low, "fall_high": fall_high, "slope_low": slope_low, "slope_high": slope_high}
 
 
@@ -140,7 +141,8 @@ def falls(
 ) -> pd.DataFrame:
     """Per setting, method and split (``excess`` as ``excess_long``, finite n): the seed-mean excess at the smallest
     and largest n, their ratio ``fall`` and the log-log ``slope`` with bootstrap intervals over seeds, the rate, the
-    seeds, the limit's excess, whether every size converged (``convergence``), the verdict and its reading."""
+    seeds, the limit's excess, whether every size converged (``convergence``), data seed 0's fall at the steps and
+    at twice the steps (does the verdict depend on the run length?), the verdict and its reading."""
     rows = []
     finite = excess[excess["n"].notna()]
     for (setting, method, split), part in finite.groupby(["setting", "method", "split"], sort=False):
@@ -164,7 +166,11 @@ def falls(
             "slope": float(slope),
         } | bootstrap_falls(table.to_numpy(), sizes)
         row["limit_excess"] = float(limit[f"limit_excess_{split}"].iloc[0]) if len(limit) else np.nan
-        row["converged"] = bool(conv["converged"].all()) if len(conv) else None
+        finite_conv = conv[conv["n"].notna()].sort_values("n")
+        row["converged"] = bool(finite_conv["converged"].all()) if len(finite_conv) else None
+        for label, column in (("fall_seed0", f"{split}_steps"), ("fall_seed0_doubled", f"{split}_doubled")):
+            values = finite_conv[column].to_numpy() if len(finite_conv) else np.full(2, np.nan)
+            row[label] = float(_fall_and_slope(values[None], np.log(sizes[: len(values)]))[0][0])
         row["verdict"] = verdict(row["fall_low"], row["fall_high"])
         row["falls"] = row["verdict"] == "holds"
         row["reading"] = reading(row)
@@ -325,21 +331,42 @@ def lr_findings(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def convergence_findings(table: pd.DataFrame) -> str:
-    """Rule 5's outcome: how many runs moved less than the tolerance when the steps doubled, and which did not."""
-    bad = table[~table["converged"]]
-    text = (
-        f"{int(table['converged'].sum())} of {len(table)} checks converged (doubling the steps moved the excess by at "
-        f"most {protocol.CONVERGED_REL:.0%} of itself plus {protocol.CONVERGED_ABS:g} nats on both splits)."
-    )
-    if len(bad):
-        where = "; ".join(
-            f"{r.setting} {r.method} {'' if r.method == 'floor' else 'limit' if pd.isna(r.n) else f'n = {r.n}'} "
-            f"(held-out {r.heldout_steps:.3g} -> {r.heldout_doubled:.3g})"
+def convergence_findings(table: pd.DataFrame, fall_table: pd.DataFrame) -> str:
+    """Rule 5's outcome for the finite-n runs, the limits and the floors, and whether each verdict depends on the run
+    length (data seed 0's held-out fall at the steps and at twice the steps, against the bar)."""
+    finite = table[table["n"].notna() & (table["method"] != "floor")]
+    change = (finite["heldout_doubled"] - finite["heldout_steps"]) / finite["heldout_steps"].abs()
+    rule = f"at most {protocol.CONVERGED_REL:.0%} of itself plus {protocol.CONVERGED_ABS:g} nats on both splits"
+    lines = [
+        f"- Finite-n runs (data seed 0): {int(finite['converged'].sum())} of {len(finite)} converged (doubling the "
+        f"steps moved the excess by {rule}); the held-out excess rose in {int((change > 0).sum())} of them (median "
+        f"change {change.median():+.0%})."
+    ]
+    for what, part in (("Limits", table[table["n"].isna() & (table["method"] != "floor")]),
+                       ("Floors", table[table["method"] == "floor"])):  # fmt: skip
+        bad = part[~part["converged"]]
+        moved = "; ".join(
+            f"{r.setting}{'' if r.method == 'floor' else ' ' + r.method} "
+            f"{r.heldout_steps:.3g} -> {r.heldout_doubled:.3g}"
             for r in bad.itertuples()
         )
-        text += f" Not converged: {where}."
-    return text
+        lines.append(
+            f"- {what}: {len(part) - len(bad)} of {len(part)} converged"
+            + (f"; moved (held-out): {moved}." if moved else ".")
+        )
+    held = fall_table[fall_table["split"] == "heldout"]
+    flips = held[(held["fall_seed0"] >= FALL) != (held["fall_seed0_doubled"] >= FALL)]
+    kept = len(held) - len(flips)
+    text = (
+        f"- Verdicts and run length: data seed 0's held-out fall lies on the same side of {FALL:g}x at both lengths "
+        f"for {kept} of {len(held)} methods"
+    )
+    if len(flips):
+        text += "; not for " + "; ".join(
+            f"{r.setting} {r.method} ({r.fall_seed0:.3g}x -> {r.fall_seed0_doubled:.3g}x)" for r in flips.itertuples()
+        )
+    lines.append(text + ".")
+    return "\n".join(lines)
 
 
 def guard_findings(table: pd.DataFrame) -> str:
