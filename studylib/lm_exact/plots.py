@@ -97,7 +97,8 @@ CURVE_PANELS = (
 
 def plot_training_curves(curves: pd.DataFrame, n: int, one_over_alpha: dict[str, float]) -> Figure:
     """Per setting (columns): the largest ratio ``exp T`` (with RDRO's ``1/alpha``), the gradient norm and DDRO's
-    cumulative guard activations against the step, for the runs of size ``n`` (seed of ``curves``)."""
+    cumulative guard activations against the step, for the runs of size ``n`` (seed of ``curves``), each method at
+    the learning rate in its legend."""
     part = curves[curves["n"].eq(n).fillna(False).astype(bool)].copy()
     part["guard_total"] = part.groupby(["setting", "method"])["guard"].cumsum()
     settings = list(part["setting"].unique())
@@ -106,7 +107,8 @@ def plot_training_curves(curves: pd.DataFrame, n: int, one_over_alpha: dict[str,
         for method, group in part[part["setting"] == setting].groupby("method", sort=False):
             for i, (column, _, _) in enumerate(CURVE_PANELS):
                 if column != "guard_total" or method.startswith("DDRO"):
-                    axes[i, j].plot(group["step"], group[column], color=style(method)["color"], label=method, lw=1.3)
+                    label = f"{method}, lr {group['lr'].iloc[0]:g}" if "lr" in group else method
+                    axes[i, j].plot(group["step"], group[column], color=style(method)["color"], label=label, lw=1.3)
         if not axes[2, j].lines:
             axes[2, j].text(0.5, 0.5, "no DDRO run in this setting", ha="center", transform=axes[2, j].transAxes)
         if setting in one_over_alpha:
