@@ -68,6 +68,9 @@ def test_notebook_writes_the_tables_and_figures(tmp_path):
     )
     guard = pd.read_csv(tmp_path / "guard_eps.csv")
     assert sorted(guard["guard_eps"].unique()) == [0.01, 0.1] and len(guard) == 2 * 2 * 3
+    fits, floors = pd.read_csv(tmp_path / "floor_lr.csv"), pd.read_csv(tmp_path / "floors.csv")
+    best = fits.groupby(["setting", "seed"])["kl_train"].min().rename("best")
+    assert floors.join(best, on=["setting", "seed"]).eval("kl_train == best").all() and len(floors) == 4
     runs = pd.read_csv(tmp_path / "runs.csv")
     assert (runs["init_seed"] == 1000 + runs["seed"]).all()
     sweep = pd.read_csv(tmp_path / "alpha_sweep.csv")
@@ -88,7 +91,7 @@ def test_notebook_writes_the_tables_and_figures(tmp_path):
         for o in c.get("outputs", [])
         if "data" in o and "text/markdown" in o["data"]
     )
-    assert "- **S1**: DDRO" in shown and "Floors' learning rates (rule 1, lowest training KL): S1 0.03" in shown
+    assert "- **S1**: DDRO" in shown and "Floors (rule 1: each seed's best fit over the rates): S1 0.03 x 2" in shown
 
 
 def test_notebook_is_stored_clean_and_holds_the_story():

@@ -1,8 +1,8 @@
 """The answer-set study's protocol: which runs are made, in order, each returning a table (``studies.py`` saves
 them). The rules are written here before any result is seen, and are the same for every method:
 
-1. **Floors.** Per setting, the floor's learning rate is the rate of ``floor_lr_grid`` whose fit (data seed 0's
-   init seed) ends at the lowest training KL (the floor's own objective); every seed's floor then uses it.
+1. **Floors.** The floor of each setting and data seed (its own init seed) is fitted at every rate of
+   ``floor_lr_grid``; the fit that ends at the lowest training KL (the floor's own objective) is the floor.
 2. **Each method's own learning rate.** Per setting and method, every rate of ``lr_grid`` trains on data seed 0 at
    the smallest and the largest n and on the population; the rate used is the one whose run ends at the lowest
    value of **the method's own training objective on the largest data set** (what a practitioner has: never the
@@ -39,29 +39,27 @@ def init_seed(seed: int, base: int) -> int:
     return base + seed
 
 
-def choose_floor_lrs(prepared: Prepared, grid: Sequence[float], train: TrainSettings, base: int) -> pd.DataFrame:
-    """Rule 1: per setting and rate, the floor of data seed 0 (setting, lr, kl_train, kl_heldout, seconds, chosen)."""
-    rows = []
-    for setting in prepared.settings.values():
-        for lr in grid:
-            rows.append(floor_run(prepared, setting, 0, replace(train, lr=lr), init_seed(0, base)))
-    table = pd.DataFrame(rows)
-    best = table.groupby("setting")["kl_train"].transform("min")
-    return table.assign(chosen=table["kl_train"] == best).drop(columns=["seed", "init_seed"])
-
-
-def floors(
-    prepared: Prepared, seeds: Sequence[int], train: TrainSettings, lrs: dict[str, float], base: int
+def floor_fits(
+    prepared: Prepared, seeds: Sequence[int], grid: Sequence[float], train: TrainSettings, base: int
 ) -> pd.DataFrame:
-    """Each (setting, seed)'s floor at its setting's rate: setting, seed, init_seed, lr, steps, kl_train,
-    kl_heldout, seconds."""
-    return pd.DataFrame(
-        [
-            floor_run(prepared, setting, seed, replace(train, lr=lrs[name]), init_seed(seed, base))
-            for name, setting in prepared.settings.items()
-            for seed in seeds
-        ]
-    )
+    """Rule 1: every (setting, data seed)'s floor at every rate of ``grid`` (``floor_run``'s rows), with ``chosen``
+    marking the rate whose fit ends at the lowest training KL, per setting and seed."""
+    rows = [
+        floor_run(prepared, setting, seed, replace(train, lr=lr), init_seed(seed, base))
+        for setting in prepared.settings.values()
+        for seed in seeds
+        for lr in grid
+    ]
+    table = pd.DataFrame(rows)
+    best = table.groupby(["setting", "seed"])["kl_train"].transform("min")
+    return table.assign(chosen=table["kl_train"] == best)
+
+
+def floors(fits: pd.DataFrame) -> pd.DataFrame:
+    """Each (setting, seed)'s floor: its chosen fit (setting, seed, init_seed, lr, steps, kl_train, kl_heldout,
+    seconds)."""
+    chosen = fits[fits["chosen"]].drop_duplicates(["setting", "seed"])
+    return chosen.drop(columns=["chosen"]).reset_index(drop=True)
 
 
 def _progress(total: int, what: str) -> tqdm:
@@ -160,11 +158,12 @@ def doubled_runs(
     return table.assign(n=table["n"].astype("Int64"))
 
 
-def doubled_floors(prepared: Prepared, train: TrainSettings, floor_lrs: dict[str, float], base: int) -> pd.DataFrame:
-    """Rule 5 for the floors: data seed 0's floor with twice the steps."""
+def doubled_floors(prepared: Prepared, train: TrainSettings, floor_table: pd.DataFrame, base: int) -> pd.DataFrame:
+    """Rule 5 for the floors: data seed 0's floor at its rate with twice the steps."""
+    rate = floor_table[floor_table["seed"] == 0].set_index("setting")["lr"]
     return pd.DataFrame(
         [
-            floor_run(prepared, s, 0, replace(train, lr=floor_lrs[name], steps=2 * train.steps), init_seed(0, base))
+            floor_run(prepared, s, 0, replace(train, lr=rate[name], steps=2 * train.steps), init_seed(0, base))
             for name, s in prepared.settings.items()
         ]
     )

@@ -302,14 +302,17 @@ def claims(fall_table: pd.DataFrame, split: str = "heldout") -> str:
     return "\n".join(lines)
 
 
-def floor_lr_findings(floor_grid: pd.DataFrame) -> str:
-    """Rule 1's choice per setting and what the floors reached."""
+def floor_lr_findings(floor_fits: pd.DataFrame) -> str:
+    """Rule 1's choices: per setting, the rate each seed's floor took and the training KLs it reached."""
     parts = []
-    for setting, part in floor_grid.groupby("setting", sort=False):
-        best = part[part["chosen"]].iloc[0]
-        tried = ", ".join(f"{lr:g}: {kl:.2g}" for lr, kl in zip(part["lr"], part["kl_train"], strict=True))
-        parts.append(f"{setting} {best['lr']:g} (training KL at each rate: {tried})")
-    return "Floors' learning rates (rule 1, lowest training KL): " + "; ".join(parts) + " nats."
+    for setting, part in floor_fits.groupby("setting", sort=False):
+        chosen = part[part["chosen"]]
+        rates = ", ".join(f"{lr:g} x {count}" for lr, count in chosen["lr"].value_counts().sort_index().items())
+        parts.append(
+            f"{setting} {rates} (training KL {chosen['kl_train'].min():.2g} to {chosen['kl_train'].max():.2g}; the "
+            f"worst fit at any rate {part['kl_train'].max():.2g})"
+        )
+    return "Floors (rule 1: each seed's best fit over the rates): " + "; ".join(parts) + " nats."
 
 
 def lr_findings(table: pd.DataFrame) -> str:

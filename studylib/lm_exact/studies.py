@@ -5,8 +5,9 @@ Written to ``out_dir``: ``consistency.csv`` (``setting, method, n, seed, split, 
 means per n), ``falls`` (the claims' table, with bootstrap intervals), ``limits`` (each method's infinite-data
 limit), ``lr_grid`` (every rate of every method), ``convergence`` (doubled steps), ``guard_eps`` (DDRO's guard),
 ``runs`` (one row per training run: KLs, objective, rate, seconds, largest gradient norm and ratio, guard
-activations), ``floors``, ``floor_lr``, ``curves`` (every step of data seed 0's runs at the chosen rates),
-``alpha_sweep``, ``timing``; figures ``consistency_<setting>.png``, ``training_curves.png``, ``alpha_sweep.png``.
+activations), ``floors``, ``floor_lr`` (every floor fit at every rate), ``curves`` (every step of data seed 0's
+runs at the chosen rates), ``alpha_sweep``, ``timing``; figures ``consistency_<setting>.png``,
+``training_curves.png``, ``alpha_sweep.png``.
 """
 
 from __future__ import annotations
@@ -69,11 +70,8 @@ def run_study(
 
     train, floor_train = TrainSettings(steps=steps, rank=lora_r), TrainSettings(steps=floor_steps, rank=lora_r)
     seed_list, base = list(range(seeds)), init_seed_base
-    floor_lr = protocol.choose_floor_lrs(prepared, floor_lr_grid, floor_train, base)
-    floor_lrs = dict(
-        zip(floor_lr.loc[floor_lr["chosen"], "setting"], floor_lr.loc[floor_lr["chosen"], "lr"], strict=True)
-    )
-    floors = protocol.floors(prepared, seed_list, floor_train, floor_lrs, base)
+    floor_lr = protocol.floor_fits(prepared, seed_list, floor_lr_grid, floor_train, base)
+    floors = protocol.floors(floor_lr)
     lap("floors")
     grid, curves = protocol.lr_grid_runs(prepared, sizes, lr_grid, train, guard_eps, base)
     lrs = protocol.chosen_lrs(grid)
@@ -81,7 +79,7 @@ def run_study(
     runs = protocol.method_runs(prepared, sizes, seed_list, train, lrs, guard_eps, base, grid[grid["chosen"]])
     lap("sizes_x_seeds")
     doubled = protocol.doubled_runs(prepared, sizes, train, lrs, guard_eps, base)
-    doubled_floors = protocol.doubled_floors(prepared, floor_train, floor_lrs, base)
+    doubled_floors = protocol.doubled_floors(prepared, floor_train, floors, base)
     lap("doubled_steps")
     guard = protocol.guard_sensitivity(prepared, sizes, guard_eps_grid, train, lrs, base)
     lap("guard_eps")
