@@ -52,8 +52,8 @@ def toy_text(row: pd.Series) -> str:
 def fall_text(row: pd.Series) -> str:
     word = {"holds": "falls", "fails": "does not fall"}.get(row["verdict"], "undecided")
     change = f"{row['excess_at_n_min']:.3g} -> {row['excess_at_n_max']:.3g}"
-    fall = "to the floor" if row["fall"] == float("inf") else f"{row['fall']:.1f}x"
-    interval = f"{fall} [{row['fall_low']:.1f}, {row['fall_high']:.1f}]"
+    fall = "to the floor" if row["fall"] == float("inf") else f"{row['fall']:.2f}x"
+    interval = f"{fall} [{row['fall_low']:.2f}, {row['fall_high']:.2f}]"
     return f"{row['setting']}: {change}, {interval}, {word}; limit {row['limit_excess']:.2g}"
 
 

@@ -39,8 +39,18 @@ def test_a_verdict_follows_its_numbers():
     flat_toy = slopes.copy()
     flat_toy.loc[flat_toy["method"] == "DDRO", ["slope", "kl_limit"]] = [0.1, 0.5]
     ddro = base.index[base.index.str.startswith("DDRO")][0]
-    assert base[ddro] == "partly"  # the toy converges, the exact LM does not fall
-    assert claims_ledger(flat_toy, spread, falls, runs, lm).set_index("claim")["verdict"][ddro] == "contradicted"
+    assert base[ddro] == "supported"  # the toy converges, the exact LM falls at DDRO's own rate
+
+    def ddro_verdict(toy: pd.DataFrame, verdict: str) -> tuple[str, str]:
+        changed = falls.copy()
+        changed.loc[(changed["method"] == "DDRO") & (changed["setting"] == "S1"), "verdict"] = verdict
+        row = claims_ledger(toy, spread, changed, runs, lm).set_index("claim").loc[ddro]
+        return row["verdict"], row["why"]
+
+    verdict, why = ddro_verdict(slopes, "fails")
+    assert verdict == "partly" and "S1 DDRO falls with n" in why  # names the reading of the row that disagrees
+    assert ddro_verdict(slopes, "undecided")[0] == "partly" and "straddles 3x" in ddro_verdict(slopes, "undecided")[1]
+    assert ddro_verdict(flat_toy, "fails")[0] == "contradicted"
 
 
 def test_the_sampled_lm_is_called_untested_only_when_no_interval_excludes_one_half():

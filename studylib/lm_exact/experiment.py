@@ -178,8 +178,9 @@ def loss_kinds(prepared: Prepared, guard_eps: float = 1e-2) -> pd.DataFrame:
 
 
 def reference_summary(prepared: Prepared) -> pd.DataFrame:
-    """Per setting and split: prompts, the reference's mean entropy over the candidates, and how far the target is
-    from the reference, ``KL(target || pi_ref)`` (what training has to cover)."""
+    """Per setting and split: prompts, the reference's mean entropy over the candidates, how far the target is
+    from the reference, ``KL(target || pi_ref)`` (what training has to cover), and the largest target ratio
+    ``target / pi_ref`` (DDRO's - loss has its pole at 2)."""
     rows = []
     for name, setting in prepared.settings.items():
         for split, problem in (("train", setting.train), ("heldout", setting.heldout)):
@@ -192,6 +193,7 @@ def reference_summary(prepared: Prepared) -> pd.DataFrame:
                     "candidates": problem.items,
                     "entropy_ref": float(-(np.exp(ref) * ref).sum(1).mean()),
                     "kl_target_ref": float(forward_kl(problem.target, ref)),
+                    "target_ratio_max": float((problem.target / np.exp(ref)).max()),
                     "preferred_fraction": problem.preferred_fraction,
                 }
             )

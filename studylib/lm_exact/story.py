@@ -342,8 +342,8 @@ def convergence_findings(table: pd.DataFrame, fall_table: pd.DataFrame) -> str:
     rule = f"at most {protocol.CONVERGED_REL:.0%} of itself plus {protocol.CONVERGED_ABS:g} nats on both splits"
     lines = [
         f"- Finite-n runs (data seed 0): {int(finite['converged'].sum())} of {len(finite)} converged (doubling the "
-        f"steps moved the excess by {rule}); the held-out excess rose in {int((change > 0).sum())} of them (median "
-        f"change {change.median():+.0%})."
+        f"steps moved the excess by {rule}); the held-out excess rose in {int((change > 0).sum())} of the "
+        f"{len(finite)} (median change over all {len(finite)}: {change.median():+.0%})."
     ]
     for what, part in (("Limits", table[table["n"].isna() & (table["method"] != "floor")]),
                        ("Floors", table[table["method"] == "floor"])):  # fmt: skip

@@ -6,7 +6,8 @@ means per n), ``falls`` (the claims' table, with bootstrap intervals), ``limits`
 limit), ``lr_grid`` (every rate of every method), ``convergence`` (doubled steps), ``guard_eps`` (DDRO's guard),
 ``runs`` (one row per training run: KLs, objective, rate, seconds, largest gradient norm and ratio, guard
 activations), ``floors``, ``floor_lr`` (every floor fit at every rate), ``curves`` (every step of data seed 0's
-runs at the chosen rates), ``alpha_sweep``, ``timing``; figures ``consistency_<setting>.png``,
+runs at the chosen rates), ``alpha_sweep``, ``timing``, ``reference`` (per setting and split: the reference's
+entropy, ``KL(target || pi_ref)``, the largest target ratio); figures ``consistency_<setting>.png``,
 ``training_curves.png``, ``alpha_sweep.png``.
 """
 
@@ -42,6 +43,7 @@ class StudyResult:
     sweep: pd.DataFrame
     timing: pd.DataFrame
     one_over_alpha: dict[str, float]
+    reference: pd.DataFrame
 
 
 def run_study(
@@ -117,6 +119,7 @@ def run_study(
         pd.concat(sweeps, ignore_index=True) if sweeps else pd.DataFrame(),
         pd.DataFrame({"step": list(clock), "seconds": list(clock.values())}),
         one_over_alpha,
+        experiment.reference_summary(prepared),
     )
 
 
@@ -140,6 +143,7 @@ def save_study(result: StudyResult, out: Path, stamp: dict, curve_n: int, model:
         "floor_lr": result.floor_lr,
         "alpha_sweep": result.sweep,
         "timing": result.timing,
+        "reference": result.reference,
     }
     save_table(result.consistency, out / "consistency", stamp, markdown=False)
     save_table(result.curves, out / "curves", stamp, markdown=False)
