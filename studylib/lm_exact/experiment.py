@@ -10,6 +10,7 @@ training prompts (``floor_objective``); a method's excess KL is its KL minus the
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,14 +87,20 @@ def prepare(
 def lm_methods(setting: LMSetting, guard_eps: float = 1e-2) -> list[Method]:
     """The toy's methods of the setting (``default_methods``), less those that tune a knob per n by an oracle
     (RLHF and DPO in S3: eight runs per point), plus DPO at the toy's beta = 1 in S3 as its inconsistent baseline.
-    DDRO gets ``guard_eps``, its guard's knob (this repository's, not the paper's: ``studylib.losses.DDRO``)."""
+    A loss with a guard at a pole (DDRO) gets ``guard_eps``, the guard's knob (this repository's, not the paper's:
+    ``studylib.losses.DDRO``)."""
     methods = []
     for m in default_methods(setting.categories):
         if m.tune is None:
-            methods.append(Method(m.label, m.loss, dict(m.knobs) | {"guard_eps": guard_eps}) if m.loss == "ddro" else m)
+            methods.append(Method(m.label, m.loss, dict(m.knobs) | {"guard_eps": guard_eps}) if has_guard(m) else m)
     if setting.name == "S3":
         methods.append(Method("DPO (beta=1)", "dpo", {"beta": 1.0}))
     return methods
+
+
+def has_guard(method: Method) -> bool:
+    """Whether ``method``'s loss takes a guard at a pole (``guard_eps``: DDRO's)."""
+    return "guard_eps" in inspect.signature(LOSSES[method.loss]).parameters
 
 
 def data_cells(setting: LMSetting, n: int | None, seed: int) -> DataCells:

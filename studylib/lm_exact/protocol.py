@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from studylib.lm_exact.experiment import Prepared, floor_run, lm_methods, method_run
+from studylib.lm_exact.experiment import Prepared, floor_run, has_guard, lm_methods, method_run
 from studylib.lm_exact.train import TrainSettings
 from studylib.toy.sweeps import Method
 
@@ -187,7 +187,7 @@ def guard_sensitivity(
     rows = []
     for name, setting in prepared.settings.items():
         for eps in eps_grid:
-            method = next((m for m in lm_methods(setting, eps) if m.loss == "ddro"), None)
+            method = next((m for m in lm_methods(setting, eps) if has_guard(m)), None)
             if method is None:
                 continue
             lr = lrs[(name, method.label)]
