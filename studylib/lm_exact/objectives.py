@@ -143,7 +143,7 @@ def _distinct(data: DataCells, counts: np.ndarray) -> tuple[np.ndarray, Tensor, 
     return flat, weights, (torch.as_tensor(values.astype(np.int64)) if data.sampled else None)
 
 
-def _unpaired_rows(data: DataCells, K: int) -> _Rows:
+def _unpaired_rows(data: DataCells) -> _Rows:
     flat, weights, repeats = _distinct(data, data.labels)
     cell, label = flat // 2, flat % 2 == 1
     return _Rows({"cell": torch.as_tensor(cell), "labels": torch.as_tensor(label)}, weights, repeats)
@@ -196,7 +196,7 @@ def loss_objective(
 
         return Objective(exact, torch.ones(shape, dtype=torch.bool), lambda lp: float(exact(lp)[0]))
     if loss.kind == "unpaired":
-        rows, keys = _unpaired_rows(data, K), ("policy_logps",)
+        rows, keys = _unpaired_rows(data), ("policy_logps",)
         mismatched = _mismatched_means(data, log_ref) if loss.mismatched_pairs else (lambda lp: {})
 
         def build(lp: Tensor, index: dict[str, Tensor]) -> dict[str, Tensor]:
