@@ -78,7 +78,9 @@ class _LossConfig:
                 f"{name}: {changed} configure TRL's own loss, which {self.loss_name} does not read; "
                 f"its knobs are {list(self.loss_fields)}"
             )
-        loss = build_loss(self.loss_name, self.loss_knobs(), 0.5 if LOSSES[self.loss_name].kind == "unpaired" else None)
+        # a placeholder class fraction, so that alpha="auto" and per-class reductions build (the trainer sets its own)
+        placeholder = 0.5 if LOSSES[self.loss_name].takes_class_fraction else None
+        loss = build_loss(self.loss_name, self.loss_knobs(), placeholder)
         if loss.samples_policy or loss.needs_reward_model or loss.mismatched_pairs or loss.length_normalized:
             raise ValueError(f"{name}: {loss!r} needs what these trainers do not give (samples, rewards, KL pairs)")
         if not loss.needs_reference and self.sync_ref_model:

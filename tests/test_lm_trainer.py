@@ -8,17 +8,17 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from studylib.families import family_of
 from studylib.lm.batching import score_sequences
 from studylib.lm.config import TrainConfig
 from studylib.lm.tiny import tiny_model, tiny_tokenizer
 from studylib.lm.trainer import (
     AlignmentCollator,
-    attach_mismatched_completions,
     build_trainer,
     preferred_fraction,
     train,
 )
-from studylib.losses import LOSSES, build_loss
+from studylib.losses import LOSSES, build_loss, get_loss
 
 PROMPTS = ["Say hi.", "Name a colour.", "Count to three.", "What is tea?", "Give a fruit.", "Describe rain."]
 GOOD = ["Hi there, friend!", "Blue, like the sky.", "One, two, three.", "A warm drink.", "An apple.", "Soft water."]
@@ -146,7 +146,8 @@ def test_class_fraction_comes_from_whole_training_set(tmp_path, tokenizer):
 
 def test_kto_mismatched_pairs_are_a_seeded_cycle_of_other_rows_completions(tokenizer):
     rows = [{"prompt_ids": [5, 6], "completion_ids": [10 + i, 2], "label": i % 2 == 0} for i in range(5)]
-    paired = attach_mismatched_completions(rows, seed=0)
+    kto_rows = family_of(get_loss("kto"))
+    paired = kto_rows.prepare_rows(rows, seed=0)
     partners = [r["kl_completion_ids"][0] - 10 for r in paired]
     assert sorted(partners) == list(range(5)) and all(p != i for i, p in enumerate(partners))  # a derangement
     i, seen = 0, set()
@@ -154,10 +155,10 @@ def test_kto_mismatched_pairs_are_a_seeded_cycle_of_other_rows_completions(token
         seen.add(i)
         i = partners[i]
     assert seen == set(range(5))
-    assert [r["kl_completion_ids"] for r in attach_mismatched_completions(rows, seed=0)] == [
+    assert [r["kl_completion_ids"] for r in kto_rows.prepare_rows(rows, seed=0)] == [
         r["kl_completion_ids"] for r in paired
     ]
-    batch = AlignmentCollator(pad_id=0, kind="unpaired", mismatched_pairs=True)(paired[:3])
+    batch = AlignmentCollator(pad_id=0, family=kto_rows)(paired[:3])
     assert batch["kl_input_ids"][:, 2].tolist() == [10 + p for p in partners[:3]]
     assert batch["kl_completion_mask"][0].tolist() == [0, 0, 1, 1]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from studylib.checks import ALSO_ACCEPTED, UserError, check_like_default
+from studylib.families import family_of
 from studylib.lm.lora import LORA_TARGETS
 from studylib.losses import LOSSES, Loss, build_loss
 
@@ -237,8 +238,10 @@ class RunConfig:
         for knob in ("max_new_tokens", "eval_max_new_tokens", "data_max_new_tokens"):
             rules[knob] = at_least_1
         extra = []  # what this loss needs beyond the general rules
-        if loss_fn.kind == "on_policy":
-            extra.append(("samples_per_prompt", lambda v: v >= 2, ">= 2 (leave-one-out)"))
+        family = family_of(loss_fn)
+        least = family.min_samples_per_prompt if family.samples_prompts else 1
+        if least > 1:
+            extra.append(("samples_per_prompt", lambda v: v >= least, f">= {least} (leave-one-out)"))
         if loss_fn.samples_policy or self.online:
             extra.append(("max_steps", lambda v: v >= 1, ">= 1 (on-policy training counts steps)"))
         for knob, ok, need in [(k, *rule) for k, rule in rules.items()] + extra:
@@ -247,7 +250,7 @@ class RunConfig:
         check_training_args(self.train.training_args)
         if self.data.dataset != "offline" and self.eval.eval_split != "test":
             raise UserError(f"eval_split: {self.eval.eval_split!r} exists for the offline set only")
-        reward_scores_samples = loss_fn.needs_reward_model and (loss_fn.kind == "on_policy" or self.online)
+        reward_scores_samples = loss_fn.needs_reward_model and (family.samples_prompts or self.online)
         if reward_scores_samples and self.data.dataset == "offline":
             if self.train.max_new_tokens != self.data.data_max_new_tokens:
                 raise UserError(
@@ -295,17 +298,18 @@ class RunConfig:
         for knob, ok, need in rules:
             if not ok:
                 raise UserError(f"{knob} must be {need}, got {knobs[knob]!r}")
-        pairs_needed = loss_fn.kind == "paired" or loss_fn.needs_reward_model
+        family = family_of(loss_fn)
+        pairs_needed = family.uses_pairs or loss_fn.needs_reward_model
         if pairs_needed and self.data.dataset not in ("offline", "ufb"):
             why = "a reward model fit on pairs" if loss_fn.needs_reward_model else "paired rows"
             raise UserError(
                 f"loss {self.loss} needs pairs ({why}), and dataset {self.data.dataset!r} has labelled rows only: "
                 "use ufb or offline"
             )
-        on_policy = loss_fn.kind == "on_policy" or loss_fn.kl_coefficient > 0 or self.online
+        on_policy = loss_fn.samples_policy or self.online
         if self.data.dataset != "offline" and self.data.validation_fraction != DataConfig.validation_fraction:
             raise UserError(f"validation_fraction applies to the offline set only, not to {self.data.dataset!r}")
-        if self.online and loss_fn.kind == "on_policy":
+        if self.online and family.samples_prompts:
             raise UserError(f"online: {self.loss} samples from the policy anyway; online applies to distillation")
         if self.train.training_args and on_policy:
             raise UserError(

@@ -33,6 +33,7 @@ import pandas as pd
 from torch import nn
 
 from studylib.checks import UserError
+from studylib.families import family_of
 from studylib.lm.annotators import AnnotatorPool
 from studylib.lm.config import RunConfig
 from studylib.lm.data import (
@@ -85,24 +86,25 @@ class TrainingPlan:
 
 
 def plan_training(loss_fn: Loss, online: bool = False) -> TrainingPlan:
-    """The routing of a run, from the loss's declarations (``studylib.losses.base.Loss``) alone.
+    """The routing of a run, from the loss's family (``studylib.families``) and declarations alone.
 
-    - ``kind`` on_policy, or ``online`` (pairs sampled from the policy, labelled by the reward model): the
-      on-policy trainer on prompts;
+    - a family that samples prompts (on-policy), or ``online`` (pairs sampled from the policy, labelled by the
+      reward model): the on-policy trainer on prompts;
     - a KL term (``kl_coefficient > 0``, as PMLE's and distillation's ``beta``): the on-policy trainer on the
       data set's pairs, sampling the policy for the KL estimate;
-    - otherwise the offline trainer on the rows of the loss's ``kind``.
+    - otherwise the offline trainer on the rows of the loss's family.
     """
     if online and not loss_fn.needs_reward_model:
         raise ValueError(
             f"online=True samples pairs from the policy and labels them with a reward model; {loss_fn.name} "
             "uses no reward model (set online: false)"
         )
-    sampled = loss_fn.kind == "on_policy" or online
+    family = family_of(loss_fn)
+    sampled = family.samples_prompts or online
     trainer = "online" if sampled or loss_fn.kl_coefficient > 0 else "offline"
     return TrainingPlan(
         trainer=trainer,
-        rows="prompts" if sampled else loss_fn.kind,
+        rows="prompts" if sampled else family.kind,
         reward_model=loss_fn.needs_reward_model,
         pair_rows=trainer == "online" and not sampled,
     )

@@ -2,18 +2,19 @@
 
 Every step samples completions from the **current** policy (``studylib.lm.sampling``: temperature 1, no
 top-k/top-p, so the samples are exact draws from ``pi``, truncated at ``max_new_tokens``). The loss, built
-once by the caller, says what a step is:
+once by the caller, and its family (``studylib.families``) say what a step is; this class keeps the loop, the
+optimiser, the checkpoints and the pieces a step is made of (``sample``, ``logps``, ``rewards``, ``step_prompts``):
 
-- ``kind`` on_policy (reverse KL, RLHF): ``k = samples_per_prompt`` completions per prompt, rewards
-  ``reward_fn(prompts, completions)``, and the registry's RLOO surrogate of
+- on-policy family (reverse KL, RLHF; ``OnPolicyFamily.sampled_inputs``): ``k = samples_per_prompt`` completions
+  per prompt, rewards ``reward_fn(prompts, completions)``, and the registry's RLOO surrogate of
   ``-E_pi[R] - gamma H(pi) + beta KL(pi || pi_0)`` (``rlhf``: gamma = 0). Paper 3 uses PPO; leave-one-out
   REINFORCE is unbiased and needs no value model.
-- ``kind`` paired, sampled pairs (online distillation, as paper 3 does): 2 completions per prompt ``(y1, y2)``,
-  reward margins ``R(y1) - R(y2)`` (soft labels), plus ``kl_coefficient * KL(pi || pi_0)`` estimated on the
-  same samples.
-- ``kind`` paired with ``pair_rows`` (PMLE, offline distillation with a KL term): data-set pairs (carrying
-  ``reward_margin`` where the loss ``needs_reward_model``, see ``studylib.lm.reward``), plus the KL term
-  estimated on ``samples_per_prompt`` policy samples for each pair's prompt.
+- paired family, sampled pairs (online distillation, as paper 3 does; ``PairedFamily.sampled_inputs``): 2
+  completions per prompt ``(y1, y2)``, reward margins ``R(y1) - R(y2)`` (soft labels), plus
+  ``kl_coefficient * KL(pi || pi_0)`` estimated on the same samples.
+- paired family with ``pair_rows`` (PMLE, offline distillation with a KL term; ``PairedFamily.pair_inputs``):
+  data-set pairs (carrying ``reward_margin`` where the loss ``needs_reward_model``, see ``studylib.lm.reward``),
+  plus the KL term estimated on ``samples_per_prompt`` policy samples for each pair's prompt.
 
 **KL estimator.** For ``y ~ pi``: ``KL(pi || pi_0) = E_pi[l(y)]``, ``l = log pi(y) - log pi_0(y)``, and
 ``grad KL = E_pi[l grad log pi] + E_pi[grad log pi] = E_pi[l grad log pi]`` (the score has mean 0). The penalty
@@ -58,13 +59,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
 
+from studylib.families import family_of
 from studylib.lm.batching import (
-    gather_rows,
     model_logps,
     pad_sequences,
     pad_token_id,
     process_group,
-    process_share,
     sum_gradients,
 )
 from studylib.lm.checkpoints import disk_full_guard, latest_complete, numbered
@@ -77,7 +77,6 @@ from studylib.losses.on_policy import leave_one_out_advantages
 from studylib.results import atomic_directory, write_atomic
 
 RewardFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Tensor]
-PAIR_KEYS = ["prompt_ids", "chosen_ids", "rejected_ids"]
 
 
 def kl_estimate(policy_logps: Tensor, reference_logps: Tensor, samples_per_prompt: int = 1) -> Tensor:
@@ -133,6 +132,7 @@ class OnlineTrainer:
         self.prompt_ids = [list(p) for p in prompt_ids] if prompt_ids else None
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.rank, self.processes = process_group()
+        self.family = family_of(loss_fn)
         self._check_inputs()
         if config.training_args:
             warnings.warn(
@@ -160,24 +160,22 @@ class OnlineTrainer:
         cfg, loss_fn, name = self.config, self.loss_fn, self.loss_fn.name
         if min(cfg.max_steps, cfg.prompts_per_step, cfg.samples_per_prompt, cfg.max_new_tokens) < 1:
             raise ValueError("max_steps, prompts_per_step, samples_per_prompt and max_new_tokens must be >= 1")
-        if loss_fn.kind == "unpaired":
+        family = self.family
+        if not (family.samples_prompts or family.uses_pairs):
             raise ValueError(f"{name} trains on labelled rows: use studylib.lm.trainer")
         if cfg.prompts_per_step < self.processes:
             raise ValueError(
                 f"prompts_per_step ({cfg.prompts_per_step}) must be >= the number of processes ({self.processes})"
             )
-        if loss_fn.kind == "on_policy" and cfg.samples_per_prompt < 2:
-            raise ValueError(f"{name} needs samples_per_prompt >= 2 (leave-one-out), got {cfg.samples_per_prompt}")
+        if family.samples_prompts and cfg.samples_per_prompt < family.min_samples_per_prompt:
+            raise ValueError(
+                f"{name} needs samples_per_prompt >= {family.min_samples_per_prompt} (leave-one-out), "
+                f"got {cfg.samples_per_prompt}"
+            )
         if self.pair_rows is not None:
-            needed = PAIR_KEYS + (["reward_margin"] if loss_fn.needs_reward_model else [])
-            missing = [k for k in needed if k not in self.pair_rows[0]]
-            if missing:
-                hint = (
-                    " (reward margins: studylib.lm.reward.attach_reward_margins)" if "reward_margin" in missing else ""
-                )
-                raise ValueError(f"{name} pair_rows lack {missing}{hint}")
-            if loss_fn.kind != "paired":
+            if not family.uses_pairs:
                 raise ValueError(f"{name} samples its own completions: pass prompt_ids, not pair_rows")
+            family.check_rows(self.pair_rows, loss_fn)
             return
         if not loss_fn.needs_reward_model:
             raise ValueError(f"{name} trains on data-set pairs: pass pair_rows")
@@ -186,8 +184,11 @@ class OnlineTrainer:
         if self.reward_fn is None:
             raise ValueError(f"{name} needs reward_fn(prompt_ids, completion_ids) -> Tensor")
 
-    # --- pieces of a step -------------------------------------------------------------------------------
-    def _sample(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+    # --- pieces of a step, for the family (``Family.sampled_inputs``, ``Family.pair_inputs``) ------------------------
+    kl_estimate = staticmethod(kl_estimate)
+
+    def sample(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        """Completions of ``prompts`` sampled from the current policy (one seed for the whole step)."""
         cfg = self.config
         return sample_completions(
             self.policy,
@@ -199,81 +200,36 @@ class OnlineTrainer:
             device=self.device,
         )
 
-    def _logps(self, prompts: list[list[int]], completions: list[list[int]]) -> tuple[Tensor, Tensor | None]:
+    def logps(self, prompts: list[list[int]], completions: list[list[int]]) -> tuple[Tensor, Tensor | None]:
         """Policy log-probs (with gradients) and reference log-probs (without; None for a reference-free loss)."""
         batch = {k: v.to(self.device) for k, v in pad_sequences(prompts, completions, self.pad_id).items()}
         return model_logps(self.policy, batch), None if self.reference is None else self.reference.logps(batch)
 
-    def _rewards(self, prompts: list[list[int]], completions: list[list[int]]) -> Tensor:
+    def rewards(self, prompts: list[list[int]], completions: list[list[int]]) -> Tensor:
+        """``reward_fn``'s rewards, one per completion."""
         rewards = torch.as_tensor(self.reward_fn(prompts, completions), dtype=torch.float32).flatten()
         if rewards.numel() != len(completions):
             raise ValueError(f"reward_fn returned {rewards.numel()} rewards for {len(completions)} completions")
         return rewards
 
-    def _step_loss(self, seed: int) -> tuple[Tensor, dict[str, Tensor], list[list[int]]]:
-        """Loss, metrics and sampled completions of step ``self.step`` (0-based)."""
-        if self.pair_rows is not None:
-            return self._dataset_pairs_loss(seed)
-        if self.loss_fn.kind == "on_policy":
-            return self._sampled_groups_loss(seed)
-        return self._sampled_pairs_loss(seed)
-
-    def _step_prompts(self, k: int) -> list[list[int]]:
+    def step_prompts(self, k: int) -> list[list[int]]:
+        """The step's prompts (a seeded permutation per epoch), each repeated ``k`` times."""
         order = _batch_order(len(self.prompt_ids), self.config.prompts_per_step, self.step, self.config.seed)
         return [self.prompt_ids[i] for i in order for _ in range(k)]
 
-    def _sampled_groups_loss(self, seed: int) -> tuple[Tensor, dict[str, Tensor], list[list[int]]]:
-        """reverse_kl, rlhf: groups of ``samples_per_prompt`` samples of each prompt, with their rewards."""
-        k = self.config.samples_per_prompt
-        prompts = self._step_prompts(k)
-        completions = self._sample(prompts, seed)
-        mine = process_share(len(prompts))
-        rewards = self._rewards(prompts[mine], completions[mine])
-        policy, reference = self._logps(prompts[mine], completions[mine])
-        policy, reference, rewards = gather_rows(policy, reference, rewards.to(self.device))
-        loss, metrics = self.loss_fn(policy, reference, rewards, samples_per_prompt=k)
-        return loss, metrics, completions
-
-    def _sampled_pairs_loss(self, seed: int) -> tuple[Tensor, dict[str, Tensor], list[list[int]]]:
-        """Online distillation: pairs of policy samples labelled by reward margins, plus the KL term on them."""
-        prompts = self._step_prompts(2)
-        completions = self._sample(prompts, seed)
-        mine = process_share(len(prompts))
-        rewards = self._rewards(prompts[mine], completions[mine])
-        policy, reference = self._logps(prompts[mine], completions[mine])
-        policy, reference, rewards = gather_rows(policy, reference, rewards.to(self.device))
-        kl = {"kl_penalty": kl_estimate(policy, reference, 2)} if self.loss_fn.kl_coefficient > 0 else {}
-        loss, metrics = self.loss_fn(policy[0::2], policy[1::2], reward_margins=rewards[0::2] - rewards[1::2], **kl)
-        metrics["rewards/mean"] = rewards.mean()
-        return loss, metrics, completions
-
-    def _dataset_pairs_loss(self, seed: int) -> tuple[Tensor, dict[str, Tensor], list[list[int]]]:
-        """Data-set pairs (pmle, offline distill); policy samples only for the KL term (if its coefficient > 0)."""
+    def step_pair_rows(self) -> list[dict]:
+        """The step's data-set pairs (a seeded permutation per epoch)."""
         cfg = self.config
-        rows = [self.pair_rows[i] for i in _batch_order(len(self.pair_rows), cfg.prompts_per_step, self.step, cfg.seed)]
-        mine = rows[process_share(len(rows))]
-        prompts = [r["prompt_ids"] for r in mine]
-        device = self.device
-        completions = [r["chosen_ids"] for r in mine] + [r["rejected_ids"] for r in mine]
-        batch = {k: v.to(device) for k, v in pad_sequences(prompts + prompts, completions, self.pad_id).items()}
-        chosen_logps, rejected_logps = model_logps(self.policy, batch, self.loss_fn.length_normalized).chunk(2)
-        extra: dict[str, Tensor] = {}
-        samples: list[list[int]] = []
-        if self.loss_fn.kl_coefficient > 0:
-            k = cfg.samples_per_prompt
-            sample_prompts = [r["prompt_ids"] for r in rows for _ in range(k)]
-            samples = self._sample(sample_prompts, seed)
-            share = process_share(len(sample_prompts))
-            policy, reference = gather_rows(*self._logps(sample_prompts[share], samples[share]))
-            extra["kl_penalty"] = kl_estimate(policy, reference, k)
-        margins = None
-        if self.loss_fn.needs_reward_model:
-            margins = torch.tensor([float(r["reward_margin"]) for r in mine], device=device)
-        chosen_logps, rejected_logps, margins = gather_rows(chosen_logps, rejected_logps, margins)
-        if margins is not None:
-            extra["reward_margins"] = margins
-        loss, metrics = self.loss_fn(chosen_logps, rejected_logps, **extra)
-        return loss, metrics, samples
+        return [self.pair_rows[i] for i in _batch_order(len(self.pair_rows), cfg.prompts_per_step, self.step, cfg.seed)]
+
+    def _step_loss(self, seed: int) -> tuple[Tensor, dict[str, Tensor], list[list[int]]]:
+        """Loss, metrics and sampled completions of step ``self.step`` (0-based): the family says what a step is."""
+        if self.pair_rows is not None:
+            inputs, extra, completions = self.family.pair_inputs(self, seed)
+        else:
+            inputs, extra, completions = self.family.sampled_inputs(self, seed)
+        loss, metrics = self.loss_fn(**inputs)
+        return loss, metrics | extra, completions
 
     # --- the loop -----------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:

@@ -1,13 +1,13 @@
 """Train a causal LM offline with a registered loss (paired or unpaired rows), on transformers' ``Trainer``.
 
-The loss is built once by the caller (``studylib.losses.build_loss``) and passed in; what it needs is read
-from its declarations, never from its name:
+The loss is built once by the caller (``studylib.losses.build_loss``) and passed in; what a step does with a batch
+is its family's (``studylib.families``: the rows, their batches, the forward passes and the loss's inputs), and the
+rest is read from the loss's declarations, never from its name:
 
-- ``kind`` paired: batches of (prompt, chosen, rejected); unpaired: (prompt, completion, label).
-  ``mismatched_pairs`` (KTO's ``z0``): each row is given once, before training, another row's completion
-  (``kl_completion_ids``, a seeded cycle through the rows, as TRL fixes its KL pairs), so the reference's
-  log-probs of the mismatched pairs are precomputed with the rest. ``needs_reward_model`` (distillation):
-  rows carry ``reward_margin``.
+- the family: paired rows (prompt, chosen, rejected), unpaired rows (prompt, completion, label), and KTO's unpaired
+  rows with mismatched pairs (each given once, before training, another row's completion, so the reference's
+  log-probs of the mismatched pairs are precomputed with the rest). ``needs_reward_model`` (distillation): rows
+  carry ``reward_margin``.
 - ``uses_reference``: reference log-probs (``studylib.lm.reference``) computed once before training and
   cached in ``output_dir``, or, for runs shorter than an epoch, on the fly for each batch. A reference-free
   loss (SimPO, PMLE) never runs a reference forward.
@@ -37,11 +37,10 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from studylib.families import Family, family_of
 from studylib.lm.batching import (
     BATCH_KEYS,
-    gather_rows,
     model_logps,
-    pad_sequences,
     pad_token_id,
     scale_for_averaged_gradients,
     score_sequences,
@@ -102,36 +101,13 @@ class RowsDataset(Dataset):
 
 @dataclass
 class AlignmentCollator:
-    """Pads token rows into the batch a loss needs (``kind`` and ``mismatched_pairs``: the loss's declarations)."""
+    """Pads token rows into the batch a loss needs: its family's (``studylib.families``) ``collate``."""
 
     pad_id: int
-    kind: str
-    mismatched_pairs: bool = False
+    family: Family
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        prompts = [r["prompt_ids"] for r in rows]
-        if self.kind == "paired":
-            batch = pad_sequences(
-                prompts + prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], self.pad_id
-            )
-            if "ref_chosen_logps" in rows[0]:  # in the batch's row order: chosen, then rejected
-                batch["ref_logps"] = torch.tensor(
-                    [r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows]
-                )
-            if "reward_margin" in rows[0]:
-                batch["reward_margins"] = torch.tensor([float(r["reward_margin"]) for r in rows])
-            return batch
-        completions = [r["completion_ids"] for r in rows]
-        batch = pad_sequences(prompts, completions, self.pad_id)
-        batch["labels_preferred"] = torch.tensor([bool(r["label"]) for r in rows])
-        if "ref_logps" in rows[0]:
-            batch["ref_logps"] = torch.tensor([r["ref_logps"] for r in rows])
-        if self.mismatched_pairs:
-            kl = pad_sequences(prompts, [r["kl_completion_ids"] for r in rows], self.pad_id)
-            batch.update({f"kl_{k}": v for k, v in kl.items()})
-            if "ref_kl_logps" in rows[0]:
-                batch["ref_kl_logps"] = torch.tensor([r["ref_kl_logps"] for r in rows])
-        return batch
+        return self.family.collate(rows, self.pad_id)
 
 
 LOSS_STATE = "loss_state.json"
@@ -150,19 +126,6 @@ class LossStateCallback(TrainerCallback):
             write_atomic(folder / LOSS_STATE, json.dumps(self.loss_fn.state_dict()))
 
 
-def attach_mismatched_completions(rows: list[dict], seed: int) -> list[dict]:
-    """Copies of ``rows``, each with ``kl_completion_ids``: the completion of the next row in a seeded cycle.
-
-    KTO's ``z0`` estimates ``KL(pi || pi_ref)`` on prompts paired with unrelated completions; fixing the
-    pairs once (as TRL does) lets their reference log-probs be computed once with the rest.
-    """
-    if len(rows) < 2:
-        raise ValueError("mismatched pairs (KTO's z0) need at least 2 training rows")
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    partner = {i: order[(k + 1) % len(order)] for k, i in enumerate(order)}
-    return [{**r, "kl_completion_ids": rows[partner[i]]["completion_ids"]} for i, r in enumerate(rows)]
-
-
 class AlignmentTrainer(Trainer):
     """``Trainer`` whose loss is a registered alignment loss on sequence log-probs.
 
@@ -173,6 +136,7 @@ class AlignmentTrainer(Trainer):
     def __init__(self, *args, loss_fn: Loss, reference: Reference | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.loss_fn = loss_fn
+        self.family = family_of(loss_fn)
         self.reference = reference
         self.loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: let Trainer divide by GA
         self._window: dict[str, list[float]] = {}
@@ -189,6 +153,9 @@ class AlignmentTrainer(Trainer):
         return model_logps(model, batch, self.loss_fn.length_normalized)
 
     def _reference_logps(self, inputs: dict, prefix: str = "") -> torch.Tensor:
+        """The batch's precomputed reference log-probs (``ref_<prefix>logps``), else a reference forward pass."""
+        if f"ref_{prefix}logps" in inputs:
+            return inputs[f"ref_{prefix}logps"]
         if self.reference is None:
             raise RuntimeError(f"{self.loss_fn.name} asked for reference log-probs but the trainer has no reference")
         batch = {k: inputs[prefix + k] for k in BATCH_KEYS}
@@ -204,43 +171,19 @@ class AlignmentTrainer(Trainer):
             )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss_fn = self.loss_fn
-        logps = self._logps(model, inputs)
-        reference = None
-        if loss_fn.uses_reference:
-            reference = inputs["ref_logps"] if "ref_logps" in inputs else self._reference_logps(inputs)
-            reference = reference.to(logps)
-        if loss_fn.kind == "paired":
-            chosen, rejected = logps.chunk(2)
-            ref_chosen, ref_rejected = (None, None) if reference is None else reference.chunk(2)
-            margins = inputs.get("reward_margins")
-            chosen, rejected, ref_chosen, ref_rejected, margins = gather_rows(
-                chosen, rejected, ref_chosen, ref_rejected, margins
-            )
-            self._stop_if_not_finite("the policy's log-probs", torch.cat([chosen, rejected]))
-            extra = {} if margins is None else {"reward_margins": margins}
-            loss, metrics = loss_fn(chosen, rejected, ref_chosen, ref_rejected, **extra)
-        else:
-            kl_policy = kl_reference = None
-            if loss_fn.mismatched_pairs:
-                with torch.no_grad():
-                    kl_policy = self._logps(model, inputs, "kl_")
-                if "ref_kl_logps" in inputs:
-                    kl_reference = inputs["ref_kl_logps"].to(logps)
-                else:
-                    kl_reference = self._reference_logps(inputs, "kl_")
-            policy, reference, labels, kl_policy, kl_reference = gather_rows(
-                logps, reference, inputs["labels_preferred"], kl_policy, kl_reference
-            )
-            self._stop_if_not_finite("the policy's log-probs", policy)
-            extra = {}
-            if loss_fn.mismatched_pairs:
-                extra = {"policy_kl_logps": kl_policy, "reference_kl_logps": kl_reference}
-            loss, metrics = loss_fn(policy, reference, labels, **extra)
+        """The family's forward passes and loss inputs (``Family.loss_inputs``), then the loss."""
+        family = self.family
+        loss_inputs = family.loss_inputs(
+            self.loss_fn, inputs, lambda prefix: self._logps(model, inputs, prefix),
+            lambda prefix: self._reference_logps(inputs, prefix),
+        )  # fmt: skip
+        policy = torch.cat([loss_inputs[k] for k in family.policy_keys])
+        self._stop_if_not_finite("the policy's log-probs", policy)
+        loss, metrics = self.loss_fn(**loss_inputs)
         self._stop_if_not_finite("the loss", loss)
         self._record(metrics)
         loss = scale_for_averaged_gradients(loss)
-        return (loss, {"logps": logps}) if return_outputs else loss
+        return (loss, loss_inputs) if return_outputs else loss
 
     def _record(self, metrics: dict[str, torch.Tensor]) -> None:
         for name, value in metrics.items():
@@ -283,44 +226,26 @@ def attach_reference_logps(
     output_dir: str | Path,
     device: torch.device | str = "cpu",
 ) -> list[dict]:
-    """Copies of ``rows`` with the reference's log-probs (``ref_logps``; paired rows: chosen then rejected,
-    as ``ref_logps`` of the collated batch), computed once on ``device`` (where the reference is: the run's) and
-    cached in ``output_dir``."""
-    average = loss_fn.length_normalized
-    cache = Path(output_dir) / f"reference_logps-{_rows_key(rows, loss_fn.kind, average)}.pt"
+    """Copies of ``rows`` with the reference's log-probs of the completions the loss's family names
+    (``Family.reference_completions``: paired rows' chosen and rejected, unpaired rows' completion and KTO's
+    mismatched one), computed once on ``device`` (where the reference is: the run's) and cached in ``output_dir``."""
+    family, average = family_of(loss_fn), loss_fn.length_normalized
+    cache = Path(output_dir) / f"reference_logps-{_rows_key(rows, family.kind, average)}.pt"
     prompts = [r["prompt_ids"] for r in rows]
     if cache.exists():
         cached = torch.load(cache, weights_only=True)
     else:
         with reference.active() as model:
-
-            def score(completions: list) -> torch.Tensor:
-                return score_sequences(
+            cached = {
+                name: score_sequences(
                     model, prompts, completions, pad_id, batch_size, average, "reference log-probs", device
                 )
-
-            if loss_fn.kind == "paired":
-                cached = {
-                    "chosen": score([r["chosen_ids"] for r in rows]),
-                    "rejected": score([r["rejected_ids"] for r in rows]),
-                }
-            else:
-                cached = {"logps": score([r["completion_ids"] for r in rows])}
-                if "kl_completion_ids" in rows[0]:
-                    cached["kl_logps"] = score([r["kl_completion_ids"] for r in rows])
+                for name, completions in family.reference_completions(rows).items()
+            }
         buffer = io.BytesIO()
         torch.save(cached, buffer)
         write_atomic(cache, buffer.getvalue())
-    if loss_fn.kind == "paired":
-        return [
-            {**r, "ref_chosen_logps": float(cached["chosen"][i]), "ref_rejected_logps": float(cached["rejected"][i])}
-            for i, r in enumerate(rows)
-        ]
-    kl = {"ref_kl_logps": cached["kl_logps"]} if "kl_logps" in cached else {}
-    return [
-        {**r, "ref_logps": float(cached["logps"][i])} | {k: float(v[i]) for k, v in kl.items()}
-        for i, r in enumerate(rows)
-    ]
+    return family.attach_reference(rows, cached)
 
 
 def preferred_fraction(rows: list[dict]) -> float:
@@ -344,23 +269,11 @@ def uses_precomputed_reference(config: TrainConfig, n_rows: int, processes: int 
     return config.max_steps * config.batch_size * config.gradient_accumulation_steps * processes >= n_rows
 
 
-ROW_KEYS = {
-    "paired": ("prompt_ids", "chosen_ids", "rejected_ids"),
-    "unpaired": ("prompt_ids", "completion_ids", "label"),
-}
-
-
 def check_rows(rows: list[dict], loss_fn: Loss) -> None:
     """Raise, naming what is missing, unless ``rows`` are what the offline trainer needs for ``loss_fn``."""
-    if not rows:
-        raise ValueError("no training rows")
-    if loss_fn.kind not in ROW_KEYS or loss_fn.kl_coefficient > 0:
+    if loss_fn.samples_policy:
         raise ValueError(f"{loss_fn!r} samples from the policy: train it with studylib.lm.online")
-    missing = [k for k in ROW_KEYS[loss_fn.kind] if k not in rows[0]]
-    if missing:
-        raise ValueError(f"loss {loss_fn.name!r} needs {loss_fn.kind} rows; the rows lack {missing}")
-    if loss_fn.needs_reward_model and "reward_margin" not in rows[0]:
-        raise ValueError(f"{loss_fn.name} needs rows with reward_margin (studylib.lm.reward.attach_reward_margins)")
+    family_of(loss_fn).check_rows(rows, loss_fn)
 
 
 def build_trainer(
@@ -391,8 +304,8 @@ def build_trainer(
     pad_id = pad_token_id(tokenizer)
     model, reference = policy_and_reference(model, config, loss_fn.needs_reference, reference_model, runtime.device)
     record_training_config(output_dir, loss_fn, config)  # never resume another run's checkpoints
-    if loss_fn.mismatched_pairs:
-        rows = attach_mismatched_completions(rows, config.seed)
+    family = family_of(loss_fn)
+    rows = family.prepare_rows(rows, config.seed)
     args = training_arguments(config, output_dir, runtime)
     if loss_fn.uses_reference and uses_precomputed_reference(config, len(rows), args.world_size):
         batch_size = config.reference_batch_size
@@ -403,7 +316,7 @@ def build_trainer(
         model=model,
         args=args,
         train_dataset=RowsDataset(rows),
-        data_collator=AlignmentCollator(pad_id, loss_fn.kind, mismatched_pairs=loss_fn.mismatched_pairs),
+        data_collator=AlignmentCollator(pad_id, family),
         loss_fn=loss_fn,
         reference=reference,
         callbacks=[LossStateCallback(loss_fn)],

@@ -16,15 +16,15 @@ with n (the toy's solver uses the same per-cell derivatives: ``studylib.toy.fit`
 sampled set is the registry loss on its n rows (``Objective.value``, no gradient); the population risk's value is
 not computed (its cells have no integer multiplicity).
 
-What a loss receives follows from its declarations (``studylib.losses.base.Loss``), as in the toy and the LM trainer:
+What a loss receives is its family's (``studylib.families``: ``cell_rows``), as in the toy and the LM trainers:
 
-- ``kind == "unpaired"``: rows ``(x, y, label)``; paired data enter through their unpaired view (every winner a
+- unpaired: rows ``(x, y, label)``; paired data enter through their unpaired view (every winner a
   preferred row, every loser a non-preferred one). ``mismatched_pairs`` (KTO's ``z0``): each prompt with the
   previous row's completion, TRL's shift by one; over the population, prompts and completions paired independently.
   The loss gets their mean log-probs as one row each, so its ``z0`` is the data set's, not the cells'.
-- ``kind == "paired"``: ``(x, winner, loser)``; with ``needs_reward_model`` (distillation) every unordered pair of
+- paired: ``(x, winner, loser)``; with ``needs_reward_model`` (distillation) every unordered pair of
   candidates of every training prompt, each once, with reward margins ``R(a) - R(b)`` (the toy's ``fit_distill``).
-- ``kind == "on_policy"`` (reverse KL, RLHF): the loss's own exact objective ``loss.exact`` over all K candidates,
+- on-policy (reverse KL, RLHF): the loss's own exact objective ``loss.exact`` over all K candidates,
   averaged over prompts: with K candidates the expectation under ``pi_theta`` needs no samples.
 - a KL term ``beta KL(pi || pi_ref)`` (``kl_coefficient > 0``) is computed exactly over the candidates.
 
@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from studylib.families import family_of
+from studylib.lm_exact.cells import every_row, touched
 from studylib.losses import Loss
 from studylib.toy.fit import table_kl
 from studylib.toy.problems import TabularProblem, count_cells, expected_counts, unpaired_view
@@ -108,65 +110,6 @@ def population_cells(problem: TabularProblem) -> DataCells:
     return DataCells(counts, mismatched, sampled=False, paired=problem.kind == "paired")
 
 
-def _flat(K: int, x: np.ndarray, y: np.ndarray | Tensor) -> Tensor:
-    """Flat indices ``x K + y`` of (prompt, candidate) cells: ``table.reshape(-1).take(flat)`` gathers one value per
-    row (faster than two-index gathers, forward and backward)."""
-    return torch.as_tensor(np.asarray(x), dtype=torch.long) * K + torch.as_tensor(np.asarray(y), dtype=torch.long)
-
-
-def _take(table: Tensor, flat: Tensor) -> Tensor:
-    return table.reshape(-1).take(flat)
-
-
-def _cells(shape: tuple[int, int], *flats: Tensor) -> Tensor:
-    mask = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
-    for flat in flats:
-        mask[flat] = True
-    return mask.view(shape)
-
-
-@dataclass
-class _Rows:
-    """Distinct cells of a data set: per-row index tensors (``index``: name -> flat cell index, or constant
-    tensors), their weights (summing to 1) and integer multiplicities (None for the population)."""
-
-    index: dict[str, Tensor]
-    weights: Tensor
-    repeats: Tensor | None
-
-
-def _distinct(data: DataCells, counts: np.ndarray) -> tuple[np.ndarray, Tensor, Tensor | None]:
-    """Positions of the non-zero cells of ``counts``, their weights and (sampled sets) multiplicities."""
-    flat = np.flatnonzero(counts)
-    values = counts.reshape(-1)[flat]
-    weights = torch.as_tensor(values / values.sum(), dtype=torch.float64)
-    return flat, weights, (torch.as_tensor(values.astype(np.int64)) if data.sampled else None)
-
-
-def _unpaired_rows(data: DataCells) -> _Rows:
-    flat, weights, repeats = _distinct(data, data.labels)
-    cell, label = flat // 2, flat % 2 == 1
-    return _Rows({"cell": torch.as_tensor(cell), "labels": torch.as_tensor(label)}, weights, repeats)
-
-
-def _paired_rows(data: DataCells, K: int) -> _Rows:
-    flat, weights, repeats = _distinct(data, data.counts)
-    x, winner, loser = flat // (K * K), (flat // K) % K, flat % K
-    return _Rows({"chosen": _flat(K, x, winner), "rejected": _flat(K, x, loser)}, weights, repeats)
-
-
-def _mismatched_means(data: DataCells, log_ref: Tensor) -> Callable[[Tensor], dict[str, Tensor]]:
-    """KTO's mismatched pairs as one row: the data set's mean log-probs of them (its ``z0`` reads only the mean)."""
-    weights = torch.as_tensor(data.mismatched / data.mismatched.sum(), dtype=torch.float64)
-    ref = (weights * log_ref).sum().reshape(1)
-    return lambda lp: {"policy_kl_logps": (weights * lp).sum().reshape(1), "reference_kl_logps": ref}
-
-
-def _repeat(rows: _Rows) -> dict[str, Tensor]:
-    """Every row of a sampled data set, as indices (cells repeated by their counts)."""
-    return {k: v.repeat_interleave(rows.repeats) for k, v in rows.index.items()}
-
-
 def _surrogate(loss: Loss, inputs: dict[str, Tensor], policy_keys: tuple[str, ...], weights: Tensor) -> tuple:
     """One loss call on the distinct cells; returns ``sum_c w_c l_c'(u_c) u_c`` (the objective's gradient) and
     the call's metrics."""
@@ -184,53 +127,19 @@ def loss_objective(
     """The registry ``loss`` on the data set ``data`` of ``problem``'s prompts (sampled or the population);
     ``rewards`` (C, K) where the loss ``needs_reward_model``."""
     shape = tuple(log_ref.shape)
-    K = shape[1]
     if loss.needs_reward_model and rewards is None:
         raise ValueError(f"loss {loss.name!r} needs a reward table (rewards=...)")
     if getattr(loss, "reduction", "flat") == "per_class" and getattr(loss, "preferred_fraction", None) is None:
         raise ValueError(f"loss {loss.name!r} reduces per class: build it with the data set's preferred_fraction")
-    if loss.kind == "on_policy":
+    found = family_of(loss).cell_rows(loss, data, log_ref, rewards)
+    if found is None:  # reverse KL, RLHF: their own exact objective over every candidate
 
         def exact(lp: Tensor) -> tuple[Tensor, dict]:
             return loss.exact(lp, log_ref, rewards) / shape[0], {}
 
         return Objective(exact, torch.ones(shape, dtype=torch.bool), lambda lp: float(exact(lp)[0]))
-    if loss.kind == "unpaired":
-        rows, keys = _unpaired_rows(data), ("policy_logps",)
-        mismatched = _mismatched_means(data, log_ref) if loss.mismatched_pairs else (lambda lp: {})
-
-        def build(lp: Tensor, index: dict[str, Tensor]) -> dict[str, Tensor]:
-            cell = index["cell"]
-            out = {"policy_logps": _take(lp, cell), "reference_logps": _take(log_ref, cell), "labels": index["labels"]}
-            return out | mismatched(lp)
-
-        cells = _cells(shape, rows.index["cell"])
-    elif loss.kind == "paired":
-        if loss.needs_reward_model:  # every unordered pair of every prompt, each once
-            a, b = torch.triu_indices(K, K, offset=1)
-            x = torch.arange(shape[0]).repeat_interleave(len(a))
-            index = {"chosen": x * K + a.repeat(shape[0]), "rejected": x * K + b.repeat(shape[0])}
-            count = len(index["chosen"])
-            rows = _Rows(index, torch.full((count,), 1.0 / count, dtype=torch.float64), torch.ones(count, dtype=int))
-        else:
-            rows = _paired_rows(data, K)
-        keys = ("policy_chosen_logps", "policy_rejected_logps")
-
-        def build(lp: Tensor, index: dict[str, Tensor]) -> dict[str, Tensor]:
-            chosen, rejected = index["chosen"], index["rejected"]
-            out = {"policy_chosen_logps": _take(lp, chosen), "policy_rejected_logps": _take(lp, rejected)}
-            out |= {
-                "reference_chosen_logps": _take(log_ref, chosen),
-                "reference_rejected_logps": _take(log_ref, rejected),
-            }
-            if rewards is not None:
-                out["reward_margins"] = _take(rewards, chosen) - _take(rewards, rejected)
-            return out
-
-        cells = _cells(shape, rows.index["chosen"], rows.index["rejected"])
-    else:
-        raise ValueError(f"loss {loss.name!r} has kind {loss.kind!r}, which the answer-set study does not train")
-
+    rows, keys, build = found
+    cells = touched(shape, *(rows.index[k] for k in ("cell", "chosen", "rejected") if k in rows.index))
     beta = loss.kl_coefficient
     no_kl = {"kl_penalty": torch.zeros((), dtype=torch.float64)} if beta > 0 else {}
 
@@ -240,12 +149,12 @@ def loss_objective(
 
     value = None
     if rows.repeats is not None:
-        every_row = _repeat(rows)
+        all_rows = every_row(rows)
 
         def value(lp: Tensor) -> float:
             with torch.no_grad():
                 kl = {"kl_penalty": table_kl(lp, log_ref).mean()} if beta > 0 else {}
-                return float(loss(**build(lp, every_row), **kl)[0])
+                return float(loss(**build(lp, all_rows), **kl)[0])
 
     return Objective(fn, cells, value)
 

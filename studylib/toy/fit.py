@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from studylib.families import family_of
 from studylib.losses import Loss, get_loss
 from studylib.toy.problems import TabularProblem
 
@@ -225,7 +226,7 @@ def fit_unpaired(
         cell // 2,
         None,
         counts.reshape(-1)[cell].to(DTYPE) / denominator,
-        lambda u: {"policy_logps": u, "reference_logps": ref, "labels": label},
+        lambda u: family_of(loss_fn).table_inputs(u, ref, label),
     )
     centre = _ref_table(problem, B)
     theta, info = newton(cell_objective(loss_fn, model, centre, ridge / n), centre if init is None else init)
@@ -278,17 +279,6 @@ def _pair_model(counts: Tensor, margin_rows: Callable[[Tensor, Tensor], dict[str
     return CellModel("margin", winner, loser, weights, lambda u: margin_rows(u, ref_margin))
 
 
-def _pair_rows(u: Tensor, ref_margin: Tensor) -> dict[str, Tensor]:
-    """A pair loss reads (chosen, rejected) log-probs only through their difference: pass the margins."""
-    zero = torch.zeros_like(ref_margin)
-    return {
-        "policy_chosen_logps": u,
-        "policy_rejected_logps": zero,
-        "reference_chosen_logps": ref_margin,
-        "reference_rejected_logps": zero,
-    }
-
-
 def table_kl(log_policy: Tensor, log_reference: Tensor) -> Tensor:
     """``KL(pi || pi_ref)`` per context (..., C), exact over the items; both arguments are log-probs (..., C, K)."""
     return (log_policy.exp() * (log_policy - log_reference)).sum(-1)
@@ -321,7 +311,7 @@ def fit_paired(
 
     def rows(u: Tensor, ref_margin: Tensor) -> dict[str, Tensor]:
         extra = {"kl_penalty": torch.zeros((), dtype=DTYPE)} if beta else {}  # the exact KL is added below
-        return _pair_rows(u, ref_margin) | extra
+        return family_of(loss_fn).table_inputs(u, ref_margin) | extra  # margins: a pair loss reads only those
 
     model = _pair_model(counts, rows, _ref_table(problem, B).reshape(-1))
     centre = _ref_table(problem, B)
@@ -338,8 +328,9 @@ def fit_reward_model(problem: TabularProblem, counts: np.ndarray, ridge: float =
     counts = _t(counts)
     B, C, K, _ = counts.shape
     zero = torch.zeros(B, C, K, dtype=DTYPE)
-    model = _pair_model(counts, _pair_rows, zero.reshape(-1))
-    return newton(cell_objective(get_loss("pmle", gamma=1.0), model, zero, ridge / counts.sum((1, 2, 3))), zero)
+    bradley_terry = get_loss("pmle", gamma=1.0)
+    model = _pair_model(counts, family_of(bradley_terry).table_inputs, zero.reshape(-1))
+    return newton(cell_objective(bradley_terry, model, zero, ridge / counts.sum((1, 2, 3))), zero)
 
 
 def fit_distill(problem: TabularProblem, rewards: Tensor, loss_fn: Loss) -> tuple[Tensor, dict[str, float]]:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from studylib.families import family_of
 from studylib.losses import Loss, get_loss
 from studylib.toy.fit import cell_derivatives, one_thread
 
@@ -54,10 +55,8 @@ def row_loss(loss_fn: Loss, t: float, label: bool | None) -> float:
     """The loss of one row with log-ratio ``t`` and ``label``; for a pair loss (``label=None``) ``t`` is the
     margin ``T_w - T_l``."""
     value = torch.tensor([t], dtype=torch.float64)
-    zero = torch.zeros(1, dtype=torch.float64)
-    if label is None:
-        return loss_fn(value, zero, zero, zero)[0].item()
-    return loss_fn(value, zero, torch.tensor([label]))[0].item()
+    labels = None if label is None else torch.tensor([label])
+    return loss_fn(**family_of(loss_fn).table_inputs(value, torch.zeros_like(value), labels))[0].item()
 
 
 @one_thread
@@ -77,25 +76,11 @@ def loss_curves(
     zero = torch.zeros_like(grid)
     frames = []
     for name, loss_fn in methods.items():
-        labels: tuple[bool | None, ...] = (None,) if loss_fn.kind == "paired" else (True, False)
-        for label in labels:
-            if label is None:
-                slope, _ = cell_derivatives(
-                    loss_fn,
-                    lambda u: {
-                        "policy_chosen_logps": u,
-                        "policy_rejected_logps": zero,
-                        "reference_chosen_logps": zero,
-                        "reference_rejected_logps": zero,
-                    },
-                    grid,
-                    second=False,
-                )
-            else:
-                flags = torch.full_like(grid, float(label)).bool()
-                slope, _ = cell_derivatives(
-                    loss_fn, lambda u, f=flags: {"policy_logps": u, "reference_logps": zero, "labels": f}, grid, False
-                )
+        family = family_of(loss_fn)
+        for label in family.row_labels:
+            flags = None if label is None else torch.full_like(grid, float(label)).bool()
+            rows = family.table_inputs
+            slope, _ = cell_derivatives(loss_fn, lambda u, f=flags, rows=rows: rows(u, zero, f), grid, second=False)
             frames.append(
                 pd.DataFrame(
                     {

@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
+from studylib.families import Family, family_of
 from studylib.losses import LOSSES, Loss, get_loss
 from studylib.toy import fit
-from studylib.toy.problems import TabularProblem, expected_counts, forward_kl, label_counts, sample_counts
+from studylib.toy.problems import TabularProblem, expected_counts, forward_kl, sample_counts
 
 BETA_GRID: tuple[float, ...] = tuple(2.0**k for k in range(-3, 5))
 """KL coefficients tried for RLHF and DPO in S3; the best per n (by KL to pi*, an oracle choice) is kept."""
@@ -37,16 +38,14 @@ class Method:
     grid: tuple[float, ...] = ()
 
     @property
-    def fit(self) -> str:
-        """``unpaired`` (label counts), ``unpaired_z0`` (unpaired with mismatched pairs: KTO's z0 as a fixed point),
-        ``paired`` (pair counts), ``paired_soft`` (soft labels) / ``on_policy`` (both from the Bradley-Terry reward
-        model fitted on the pairs)."""
-        cls = LOSSES[self.loss]
-        if cls.kind == "unpaired":
-            return "unpaired_z0" if cls.mismatched_pairs else "unpaired"
-        if cls.kind == "paired":
-            return "paired_soft" if cls.needs_reward_model else "paired"
-        return "on_policy"
+    def family(self) -> Family:
+        """The loss's family (``studylib.families``), which says how the toy fits it (``Family.toy_fit``)."""
+        return family_of(LOSSES[self.loss])
+
+    @property
+    def needs_rewards(self) -> bool:
+        """Whether the fit reads the Bradley-Terry reward model fitted on the pairs (distillation, on-policy)."""
+        return self.family.needs_reward_table(LOSSES[self.loss])
 
     def build(self, value: float | None = None) -> Loss:
         """The library loss, with the tuned knob set to ``value`` if this method tunes one."""
@@ -93,20 +92,10 @@ def default_methods(problem: TabularProblem) -> list[Method]:
 def fit_method(
     problem: TabularProblem, counts: np.ndarray, method: Method, loss: Loss, ridge: float, rewards: Tensor | None
 ) -> tuple[Tensor, dict]:
-    """Fit one method on stacked data sets ``counts`` (B, C, K, K | 2); returns log pi (B, C, K) and solver info."""
-    if method.fit == "unpaired":
-        return fit.fit_unpaired(problem, label_counts(problem, counts), loss, ridge)
-    if method.fit == "unpaired_z0":
-        return fit.fit_kto(problem, label_counts(problem, counts), loss, ridge)
-    if method.fit == "paired":
-        return fit.fit_paired(problem, counts, loss, ridge)
-    if rewards is None:
-        raise ValueError(f"{method.label} needs the reward model's table")
-    if method.fit == "paired_soft":
-        return fit.fit_distill(problem, rewards, loss)
-    if method.fit == "on_policy":
-        return fit.fit_on_policy(problem, rewards, loss)
-    raise ValueError(f"unknown fit kind {method.fit!r}")
+    """Fit one method on stacked data sets ``counts`` (B, C, K, K | 2); returns log pi (B, C, K) and solver info.
+    How is the loss's family's (``Family.toy_fit``): label counts, KTO's ``z0`` fixed point, pair counts, soft
+    labels or the exact on-policy objective from the reward table."""
+    return method.family.toy_fit(problem, counts, loss, ridge, rewards)
 
 
 @fit.one_thread
@@ -126,7 +115,7 @@ def consistency_sweep(
     counts = sample_counts(problem, sizes, seeds)
     stacked = counts.reshape(len(sizes) * len(seeds), *counts.shape[2:])
     rewards = None
-    if any(m.fit in ("paired_soft", "on_policy") for m in methods):
+    if any(m.needs_rewards for m in methods):
         rewards, _ = fit.fit_reward_model(problem, stacked, ridge)
     grid_n, grid_seed = np.meshgrid(np.asarray(sizes), np.asarray(seeds), indexing="ij")
     frames = []
@@ -165,7 +154,7 @@ def population_limits(problem: TabularProblem, methods: Sequence[Method] | None 
     methods = default_methods(problem) if methods is None else list(methods)
     counts = expected_counts(problem, 1e12)[None]
     rewards = None
-    if any(m.fit in ("paired_soft", "on_policy") for m in methods):
+    if any(m.needs_rewards for m in methods):
         rewards, _ = fit.fit_reward_model(problem, counts)
     rows = []
     for method in methods:
