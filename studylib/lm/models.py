@@ -20,12 +20,20 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import huggingface_hub.constants
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from studylib.lm.tiny import tiny_model, tiny_tokenizer
 from studylib.results import atomic_directory
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from studylib.lm.config import RunConfig
+    from studylib.lm.runtime import Runtime
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
@@ -187,3 +195,11 @@ def load_model(
         # CPU flash-attention backward took 14% of the CPU time; matmul attention cut it from 5.41 to 4.76 s.
         model.set_attn_implementation("eager")
     return model, tokenizer
+
+
+def load_policy(config: RunConfig, runtime: Runtime) -> tuple[nn.Module, object]:
+    """The starting model, on the run's device, and its tokenizer (the reference is this model, frozen)."""
+    if config.model == "tiny":
+        tokenizer = tiny_tokenizer()
+        return runtime.place(tiny_model(tokenizer, seed=config.train.seed)), tokenizer
+    return load_model(config.model, device=runtime.device)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from studylib.lm.batching import model_logps, unwrap
-from studylib.lm.config import TrainConfig
+from studylib.lm.config import RunConfig, TrainConfig
 from studylib.lm.lora import add_lora, has_adapters
 
 
@@ -123,3 +123,9 @@ def autocast_context(model: nn.Module, config: TrainConfig, device: torch.device
     stack.enter_context(torch.autocast(torch.device(device).type, dtype=torch.bfloat16))
     stack.enter_context(adapter_input_casting_off(model))
     return stack
+
+
+def separate_reference(config: RunConfig, model: nn.Module) -> nn.Module | None:
+    """The frozen reference a full fine-tuning run trains and evaluates against (None under LoRA, whose reference is
+    the policy with its adapters disabled). Made before training, which changes ``model`` in place."""
+    return None if config.train.use_lora else frozen_copy(model)

@@ -19,12 +19,14 @@ training, so the returned model is always a plain backbone with a head.
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +36,12 @@ from transformers import PreTrainedModel
 
 from studylib.lm.batching import last_token_index, pad_sequences, pad_token_id
 from studylib.lm.lora import add_lora
+from studylib.lm.models import cache_root
 from studylib.results import write_atomic
+
+if TYPE_CHECKING:
+    from studylib.lm.config import RunConfig
+    from studylib.lm.runtime import Runtime
 
 
 class RewardModel(nn.Module):
@@ -225,3 +232,38 @@ def load_reward_model(
     state = torch.load(path / "reward_model.pt" if path.is_dir() else path, map_location=device, weights_only=True)
     reward_model.load_state_dict(state)
     return reward_model.eval().requires_grad_(False)
+
+
+def reward_model_for(config: RunConfig, model, tokenizer, pair_rows: list[dict], runtime: Runtime):
+    """A Bradley-Terry reward model fit on the pairs (90% train, 10% held out) on the run's device, cached on disk.
+
+    It belongs to the data, not to the run: it is keyed by the model, the pairs and every knob of its fit (and a
+    device other than the CPU), and fit with ``data_seed``, so every method and seed of a study shares one reward
+    model. Several processes: the main process fits it first, the others load it.
+    """
+    train_cfg, data_seed = config.train, config.data.data_seed
+    order = list(range(len(pair_rows)))
+    random.Random(data_seed).shuffle(order)
+    n_eval = max(1, len(order) // 10)
+    held_out = [pair_rows[i] for i in order[:n_eval]]
+    train_pairs = [pair_rows[i] for i in order[n_eval:]]
+    fit = {
+        "epochs": max(1, round(train_cfg.reward_epochs)),
+        "lr": 1e-4 if train_cfg.use_lora else 2e-5,
+        "batch_size": train_cfg.batch_size,
+        "use_lora": train_cfg.use_lora,
+        "lora_r": train_cfg.lora_r,
+        "lora_alpha": train_cfg.lora_alpha,
+        "seed": data_seed,
+    }
+    device = runtime.device
+    inputs = [config.model, fit, str(pair_rows)] + ([device.type] if device.type != "cpu" else [])
+    key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
+    cache = cache_root() / "reward_models" / f"{config.model.replace('/', '--')}-{key}"
+    with runtime.main_process_first():
+        if (cache / "reward_model.pt").is_file():
+            reward_model = load_reward_model(model, tokenizer, cache, device=device)
+        else:
+            reward_model, _ = train_reward_model(model, tokenizer, train_pairs, output_dir=cache, device=device, **fit)
+    info = {"reward_accuracy_held_out": reward_accuracy(reward_model, held_out), "reward_pairs": len(train_pairs)}
+    return reward_model, info

@@ -168,3 +168,8 @@ def make_runtime(bf16: bool | str = "auto", device: str | torch.device | None = 
     where = torch.device(device) if device is not None else _default_device()
     use_bf16, why = choose_precision(bf16, where)
     return Runtime(where, use_bf16, why, state.process_index, state.num_processes)
+
+
+def describe_precision(runtime: Runtime) -> str:
+    """One line: the precision the run computes in, and why (``Runtime.precision``)."""
+    return f"{'bf16' if runtime.bf16 else 'float32'} ({runtime.precision})"
