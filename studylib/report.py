@@ -48,7 +48,7 @@ PUBLISHED_NOTE = (
 def collect_runs(root: str | Path, only: Collection[str] | None = None) -> pd.DataFrame:
     """One row per ``metrics.json`` under ``root`` (a run's directory), with its parameters flattened.
 
-    ``only``: the run folder names to read (``studylib.study.lm_run_folders(profile)``), None for all. The
+    ``only``: the run folder names to read (``studylib.study.recorded_run_folders``), None for all. The
     frame's ``attrs`` then list the folders under ``root`` left out (``"ignored"``) and those named but absent
     (``"missing"``).
     """

@@ -110,15 +110,26 @@ def _check_lm_runs(path: Path, runs: list[Run]) -> None:
         seen[folder] = run.name
 
 
-def lm_run_folders(profile: str) -> list[str]:
-    """The folder names of a profile's language-model runs (notebook 04), named as the notebook names them
-    (``RunConfig.name``): what the profile's report reads, so that runs of other configs left in the same
-    results folder (an earlier config's, committed or not) are never mixed into its tables."""
-    from studylib.lm.config import RunConfig
+def run_folders_written(outputs: list[str], results: Path) -> list[str]:
+    """The run folders among a run's ``outputs`` (those holding a ``metrics.json`` it wrote), relative to the results
+    folder ``results``: what the runner records for the report to read."""
+    folders = set()
+    for output in outputs:
+        path = ROOT / output
+        if path.name == "metrics.json" and path.parent.is_relative_to(results):
+            folders.add(str(path.parent.relative_to(results)))
+    return sorted(folders)
 
-    defaults = parameter_defaults(NOTEBOOKS / "04_lm_alignment.ipynb")
-    _, runs = load_study(profile)
-    return [RunConfig.from_flat(defaults | r.parameters).name() for r in runs if r.notebook == "04_lm_alignment"]
+
+def recorded_run_folders(record: str | Path, notebook: str = "04_lm_alignment") -> list[str]:
+    """The names of the run folders that ``notebook``'s runs of a study wrote, as the runner recorded them in its
+    ``study-<profile>.json`` (``record``): what a profile's report reads, so that runs of other configs left in the
+    same results folder (an earlier config's, committed or not) are never mixed into its tables."""
+    path = resolve(record)
+    if not path.is_file():
+        raise StudyError(f"{record}: no record of the study's runs (the runner writes it: python -m studylib study)")
+    runs = [r for r in json.loads(path.read_text()).get("runs", {}).values() if r.get("notebook") == notebook]
+    return sorted(Path(folder).name for r in runs for folder in r.get("run_folders", []))
 
 
 RUN_CHECKS = {"04_lm_alignment": _check_lm_runs}
@@ -127,22 +138,23 @@ RUN_CHECKS = {"04_lm_alignment": _check_lm_runs}
 
 def parameter_defaults(path: Path) -> dict[str, Any]:
     """The names a notebook's ``parameters`` cell assigns, in order, each with its literal default (None where the
-    value is not a literal); the cell is parsed, not run."""
-    cells = json.loads(path.read_text())["cells"]
-    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if not tagged:
-        raise StudyError(f"{path} has no cell tagged 'parameters'")
-    source = tagged[0]["source"]
+    value is not a literal), as papermill reads them (``papermill.inspect_notebook``: the cell is parsed, not run)."""
+    import papermill
+
+    found = papermill.inspect_notebook(str(path))
+    if not found and not any("parameters" in c.get("metadata", {}).get("tags", []) for c in _cells(path)):
+        raise StudyError(f"{path} has no cell tagged 'parameters'")  # papermill says {} for that too
     defaults: dict[str, Any] = {}
-    for node in ast.parse(source if isinstance(source, str) else "".join(source)).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
-        for target in targets:
-            if isinstance(target, ast.Name):
-                try:
-                    defaults[target.id] = ast.literal_eval(node.value) if node.value is not None else None
-                except ValueError:
-                    defaults[target.id] = None
+    for name, parameter in found.items():
+        try:
+            defaults[name] = ast.literal_eval(parameter["default"])
+        except (ValueError, SyntaxError):
+            defaults[name] = None
     return defaults
+
+
+def _cells(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["cells"]
 
 
 def notebook_parameters(path: Path) -> tuple[str, ...]:
@@ -399,6 +411,14 @@ def machine() -> dict[str, Any]:
     return {"processor": processor_name(), "cores": os.cpu_count(), "native_bf16": native, "bf16_decided_by": why}
 
 
+def _write_summary(path: Path, profile: str, runs: dict[str, dict], names: list[str]) -> None:
+    """``study-<profile>.json``: one entry per run of the profile, in its order (status, seconds, commit, machine,
+    and the run folders a run wrote), and the total seconds of the recorded runs."""
+    ordered = {name: runs[name] for name in names if name in runs}
+    total = round(sum(r.get("seconds", 0.0) for r in ordered.values()), 1)
+    write_atomic(path, json.dumps({"profile": profile, "seconds_of_recorded_runs": total, "runs": ordered}, indent=2))
+
+
 def run_study(
     profile: str,
     *,
@@ -410,7 +430,8 @@ def run_study(
     """Execute every run of a profile that is not complete (``is_complete``), or every run with ``force``;
     returns the names of the runs executed.
 
-    Writes ``<results_dir>/study-<profile>.json`` with one entry per run (status, seconds, code version) and,
+    Writes ``<results_dir>/study-<profile>.json`` after each run, with one entry per run (status, seconds, code
+    version, and ``run_folders``: the run folders it wrote, relative to ``results_dir``, which the report reads) and,
     for the profile's ``compare`` tables, prints what moved against their committed versions.
     """
     header, runs = load_study(profile, results_dir)
@@ -423,6 +444,7 @@ def run_study(
     if not isinstance(previous, dict):
         previous = {}
     executed, failures = [], []
+    all_names = [r.name for r in load_study(profile, results_dir)[1]]
     commit = git_commit()
     progress = tqdm(runs, desc=f"study {profile}", unit="notebook")
     here = machine()
@@ -430,7 +452,10 @@ def run_study(
         progress.set_postfix_str(run.name)
         stamp = out_dir / f"{run.name}.done"
         if not force and is_complete(run, stamp, out_dir):
-            previous.setdefault(run.name, {"notebook": run.notebook})["status"] = "complete, skipped"
+            entry = previous.setdefault(run.name, {"notebook": run.notebook})
+            entry["status"] = "complete, skipped"
+            entry.setdefault("run_folders", run_folders_written(json.loads(stamp.read_text())["outputs"], results))
+            _write_summary(summary_path, profile, previous, all_names)
             continue
         before, t0 = _mtimes(results), time.time()
         try:
@@ -445,6 +470,7 @@ def run_study(
             failures.append(f"{run.name} ({run.notebook}.ipynb): {reason} [{kept}]")
             stamp.unlink(missing_ok=True)
             previous[run.name] = {"notebook": run.notebook, "status": "failed", "reason": reason, "commit": commit}
+            _write_summary(summary_path, profile, previous, all_names)
             continue
         if html:
             _export_html(path)
@@ -454,12 +480,9 @@ def run_study(
         write_atomic(stamp, json.dumps(record, indent=2))
         previous[run.name] = {"notebook": run.notebook, "status": "executed", "seconds": seconds, "commit": commit}
         previous[run.name]["machine"] = here  # what these seconds were measured on
+        previous[run.name]["run_folders"] = run_folders_written(outputs, results)  # what the report reads
         executed.append(run.name)
-    names = [r.name for r in load_study(profile, results_dir)[1]]
-    ordered = {name: previous[name] for name in names if name in previous}
-    total = round(sum(r.get("seconds", 0.0) for r in ordered.values()), 1)
-    summary = {"profile": profile, "seconds_of_recorded_runs": total, "runs": ordered}
-    write_atomic(summary_path, json.dumps(summary, indent=2))
+        _write_summary(summary_path, profile, previous, all_names)  # after each run: a later one (05) reads it
     if executed and header.get("compare"):
         context = {"results_dir": _shown(results), "profile": profile}
         tables = []

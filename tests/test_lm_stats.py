@@ -57,3 +57,16 @@ def test_power_calculation_hand_values_and_inverse():
     assert detectable_effect(0.2, prompts_needed(0.3, 0.02)) <= 0.02 * 0.2 / 0.3 + 1e-9
     with pytest.raises(ValueError, match="effect"):
         prompts_needed(0.2, 0.0)
+
+
+def test_the_interval_is_the_percentile_bootstrap_of_these_resamples():
+    """``scipy.stats.bootstrap`` computes it; the same resamples drawn by hand (the seeded generator's prompt
+    indices, one row per resample) and their 2.5% and 97.5% quantiles give the same interval, up to rounding."""
+    values = np.random.default_rng(3).beta(3, 2, size=37)
+    rng = np.random.default_rng([5, values.size])
+    means = values[rng.integers(0, values.size, size=(500, values.size))].mean(axis=1)
+    expected = np.quantile(means, [0.025, 0.975])
+    mean, low, high = bootstrap_interval(values, n_resamples=500, seed=5)
+    assert mean == pytest.approx(values.mean(), rel=1e-15)
+    assert (low, high) == pytest.approx(tuple(expected), rel=1e-12)
+    assert bootstrap_interval(np.array([0.25])) == (0.25, 0.25, 0.25)  # one prompt: nothing to resample

@@ -15,7 +15,7 @@ import pytest
 from watchdog import run_until_stalled
 
 from studylib.losses import available_losses
-from studylib.study import ROOT, lm_run_folders
+from studylib.study import ROOT, recorded_run_folders
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +47,17 @@ def test_every_method_ran_and_the_table_has_it(smoke):
     assert {"offline", "mix14k"} <= set(table["dataset"])
 
 
-def test_the_report_reads_the_runs_the_profile_names(smoke):
+def test_the_report_reads_the_run_folders_the_runner_recorded(smoke):
     results, *_ = smoke
     written = {p.parent.name for p in (results / "lm").glob("*/metrics.json")}
-    assert set(lm_run_folders("smoke")) == written  # the names the report asks for are the folders 04 wrote
+    record = json.loads((results / "study-smoke.json").read_text())["runs"]
+    lm_runs = {name: r for name, r in record.items() if r["notebook"] == "04_lm_alignment"}
+    assert lm_runs and all(len(r["run_folders"]) == 1 for r in lm_runs.values())  # each run wrote its one folder
+    for r in lm_runs.values():  # ... and the record names it as the run itself named it
+        folder = results / r["run_folders"][0]
+        assert json.loads((folder / "metrics.json").read_text())["params"]["run"] == folder.name
+    assert all(r["run_folders"] == [] for r in record.values() if r["notebook"] != "04_lm_alignment")
+    assert set(recorded_run_folders(results / "study-smoke.json")) == written  # the folders the report reads
     report_nb = json.loads((results / "notebooks" / "05_report.ipynb").read_text())
     printed = "".join("".join(o.get("text", "")) for c in report_nb["cells"] for o in c.get("outputs", []))
     assert f"{len(written)} runs, seeds" in printed and "left out" not in printed

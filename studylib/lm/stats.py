@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import bootstrap, norm
 
 N_RESAMPLES = 4000
 LEVEL = 0.95
@@ -23,17 +23,25 @@ def bootstrap_interval(
     values: np.ndarray, n_resamples: int = N_RESAMPLES, level: float = LEVEL, seed: int = 0
 ) -> tuple[float, float, float]:
     """``(mean, low, high)``: the mean of per-prompt ``values`` and its percentile bootstrap interval (prompts
-    resampled with replacement ``n_resamples`` times, a seeded generator)."""
+    resampled with replacement ``n_resamples`` times from a generator seeded by ``(seed, number of prompts)``), by
+    ``scipy.stats.bootstrap``. One prompt has nothing to resample: its interval is the value itself."""
     values = np.asarray(values, dtype=float)
     if values.ndim != 1 or values.size == 0 or not np.isfinite(values).all():
         raise ValueError(f"need a non-empty 1-d array of finite per-prompt values, got shape {values.shape}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    rng = np.random.default_rng([seed, values.size])
-    means = values[rng.integers(0, values.size, size=(n_resamples, values.size))].mean(axis=1)
-    tail = (1 - level) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return float(values.mean()), float(low), float(high)
+    mean = float(values.mean())
+    if values.size == 1:
+        return mean, mean, mean
+    interval = bootstrap(
+        (values,),
+        np.mean,
+        n_resamples=n_resamples,
+        confidence_level=level,
+        method="percentile",
+        random_state=np.random.default_rng([seed, values.size]),  # scipy >= 1.15 also names it rng
+    ).confidence_interval
+    return mean, float(interval.low), float(interval.high)
 
 
 def paired_difference_interval(

@@ -103,7 +103,11 @@ def bootstrap_falls(
 ) -> dict[str, float]:
     """Percentile bootstrap over seeds of the fall and the slope of the seed-mean excess: ``excess`` (seeds, sizes),
     seeds resampled with replacement ``n_resamples`` times (a seeded generator). Percentiles are read off the
-    resamples themselves (a fall that reaches the floor is inf); resamples without a fall or a slope are left out."""
+    resamples themselves (a fall that reaches the floor is inf); resamples without a fall or a slope are left out.
+
+    Hand-written, not ``scipy.stats.bootstrap``: with the same resamples scipy's percentile interval is the same
+    until a resample has no fall (its first seed-mean excess <= 0, NaN); then scipy's is NaN (measured: 5 seeds, one
+    with a negative first excess: scipy NaN, this (5.43, 8.06)), where this one reads the resamples that have one."""
     excess = np.asarray(excess, float)
     rng = np.random.default_rng([seed, *excess.shape])
     means = excess[rng.integers(0, len(excess), size=(n_resamples, len(excess)))].mean(1)
