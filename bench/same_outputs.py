@@ -8,19 +8,31 @@ folders and compare them::
     python -m studylib study --profile smoke --results-dir scratch/after --no-html    # on the new one
     python bench/same_outputs.py scratch/before scratch/after
 
-Left out: stamps (``*.json`` beside a table or figure: commit, creation time), the runner's own record and executed
-notebooks, timing tables, and the keys and columns that are wall-clock times (``seconds``, ``steps_per_second``).
+Left out: stamps (``*.json`` beside a table or figure, and a Markdown table's ``created`` and ``git_commit`` lines),
+the runner's own record and executed notebooks, timing tables, the keys and columns that are wall-clock times
+(``seconds``, ``steps_per_second``) and the speeds of the bf16 probe (``GFLOP/s``); each folder's own path is
+read as the same placeholder.
 Exit status 0 when every compared file is the same and both folders hold the same files; 1 otherwise.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 TIMING = ("seconds", "per_second")
 SKIPPED_FILES = ("timing.csv", "timing.md")
+STAMP_LINES = ("- created:", "- git_commit:")
+SPEED = re.compile(r"bf16 [0-9.]+ against float32 [0-9.]+ GFLOP/s")
+
+
+def _normalised(text: str, root: Path) -> str:
+    """``text`` with the folder's own path (absolute, or as given) and the probe's measured speeds replaced."""
+    for form in (str(root.resolve()), str(root)):
+        text = text.replace(form, "<results>")
+    return SPEED.sub("<probe speeds>", text)
 
 
 def _is_timing(name: str) -> bool:
@@ -46,6 +58,23 @@ def _csv_without_timing(text: str) -> list[list[str]]:
     return [[row[i] for i in keep if i < len(row)] for row in rows]
 
 
+def _markdown_lines(text: str) -> list[str]:
+    """The lines of a Markdown file, stamps left out; in a table, the columns named as timings left out."""
+    lines, timing_columns = [], []
+    for line in text.splitlines():
+        if line.startswith(STAMP_LINES):
+            continue
+        if not line.startswith("|"):
+            lines.append(line)
+            timing_columns = []
+            continue
+        cells = line.split("|")
+        if not timing_columns and not set(line) <= set("|-: "):  # a table's header row
+            timing_columns = [i for i, cell in enumerate(cells) if _is_timing(cell)] or [-1]
+        lines.append("|".join(c for i, c in enumerate(cells) if i not in timing_columns))
+    return lines
+
+
 def compared_files(root: Path) -> set[str]:
     """The files compared under ``root``, relative to it."""
     found = set()
@@ -64,15 +93,15 @@ def differences(before: Path, after: Path) -> list[str]:
     lines = [f"only in {before}: {name}" for name in sorted(old - new)]
     lines += [f"only in {after}: {name}" for name in sorted(new - old)]
     for name in sorted(old & new):
-        a, b = (before / name).read_text(), (after / name).read_text()
+        a, b = _normalised((before / name).read_text(), before), _normalised((after / name).read_text(), after)
         if name.endswith(".json"):
-            same = _without_timing(json.loads(a)) == _without_timing(json.loads(b))
+            same = json.dumps(_without_timing(json.loads(a)), sort_keys=True) == json.dumps(
+                _without_timing(json.loads(b)), sort_keys=True
+            )  # as text: NaN equals NaN
         elif name.endswith(".csv"):
             same = _csv_without_timing(a) == _csv_without_timing(b)
         else:
-            same = [line for line in a.splitlines() if not _is_timing(line)] == [
-                line for line in b.splitlines() if not _is_timing(line)
-            ]
+            same = _markdown_lines(a) == _markdown_lines(b)
         if not same:
             lines.append(f"differs: {name}")
     return lines

@@ -41,6 +41,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(f"studylib.trl needs TRL ({err}): pip install studylib[trl]") from err
 
+from studylib.families import family_of
 from studylib.losses import LOSSES, Loss, Metrics, build_loss
 
 if not trl.__version__.startswith("1.16."):
@@ -81,7 +82,7 @@ class _LossConfig:
         # a placeholder class fraction, so that alpha="auto" and per-class reductions build (the trainer sets its own)
         placeholder = 0.5 if LOSSES[self.loss_name].takes_class_fraction else None
         loss = build_loss(self.loss_name, self.loss_knobs(), placeholder)
-        if loss.samples_policy or loss.needs_reward_model or loss.mismatched_pairs or loss.length_normalized:
+        if loss.samples_policy or loss.needs_reward_model or family_of(loss).mismatched_pairs or loss.length_normalized:
             raise ValueError(f"{name}: {loss!r} needs what these trainers do not give (samples, rewards, KL pairs)")
         if not loss.needs_reference and self.sync_ref_model:
             raise ValueError(f"{name}: {self.loss_name} is reference-free, so there is no reference to sync")

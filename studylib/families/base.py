@@ -11,8 +11,8 @@ finds the family object, and every trainer asks that object instead of testing t
   policy) and ``pair_inputs`` (a step on the data set's pairs, with a KL term);
 - the run's routing and checks (``studylib.lm.experiment.plan_training``, ``studylib.lm.config``): the class
   attributes below;
-- the tables (the toy's exact fits, ``studylib.toy``; the answer-set study, ``studylib.lm_exact``): ``toy_fit``,
-  ``table_inputs`` and ``cell_rows``.
+- the tables (the toy's exact fits and stability runs, ``studylib.toy``; the answer-set study,
+  ``studylib.lm_exact``): ``toy_fit``, ``table_inputs``, ``table_batch`` and ``cell_rows``.
 
 Adding a family is one subclass here and one entry in ``studylib.families.FAMILIES`` (docs/DESIGN.md).
 """
@@ -56,6 +56,15 @@ class Family:
         return NotImplementedError(f"the {self.name} family has no {what}")
 
     # --- the offline LM trainer ------------------------------------------------------------------------------------
+    def data_size(self, data: Any) -> int:
+        """How many training rows of this family a run's data set (``lm.preferences.PreferenceData``) holds."""
+        raise self._cannot("offline rows")
+
+    def data_rows(self, data: Any, tokenizer: Any, data_config: Any, pairs: list[dict] | None) -> tuple[list, dict]:
+        """The offline trainer's rows from a run's data set, and what tokenising them dropped (for the record);
+        ``pairs``: the data set's pairs, tokenised (with reward margins where the loss needs them), or None."""
+        raise self._cannot("offline rows")
+
     def check_rows(self, rows: list[dict], loss: Loss) -> None:
         """Raise, naming what is missing, unless ``rows`` are what this family's offline step needs for ``loss``."""
         if not self.row_keys:
@@ -109,6 +118,11 @@ class Family:
         """The loss's inputs for rows whose policy log-prob (paired: margin) is ``policy`` and reference's is
         ``reference`` (``labels``: unpaired rows' labels): how the tables put a row to a loss."""
         raise self._cannot("table rows")
+
+    def table_batch(self, policy: Tensor, reference: Tensor, x: Tensor, y: Tensor, labels: Tensor) -> Inputs:
+        """The loss's inputs for a minibatch of labelled rows ``(x, y, label)`` on tables of log-probs (the toy's
+        stability runs)."""
+        raise self._cannot("labelled table rows")
 
     def cell_rows(self, loss: Loss, data: Any, log_ref: Tensor, rewards: Tensor | None) -> tuple:
         """The answer-set study's rows of ``data`` (``lm_exact.cells``): ``(rows, policy keys, build)``, ``build(log

@@ -28,6 +28,14 @@ class PairedFamily(Family):
     uses_pairs = True
 
     # --- the offline LM trainer ------------------------------------------------------------------------------------
+    def data_size(self, data) -> int:
+        return len(data.paired) if data.paired is not None else len(data.unpaired)
+
+    def data_rows(self, data, tokenizer, data_config, pairs: list[dict] | None) -> tuple[list, dict]:
+        if pairs is None:
+            raise ValueError("the paired family trains on the data set's pairs: tokenise them first")
+        return pairs, {}  # tokenised with their counts by the caller, who also fits the reward model on them
+
     def check_rows(self, rows: list[dict], loss) -> None:
         super().check_rows(rows, loss)
         if loss.needs_reward_model and "reward_margin" not in rows[0]:

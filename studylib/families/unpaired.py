@@ -27,6 +27,17 @@ class UnpairedFamily(Family):
     row_labels = (True, False)
 
     # --- the offline LM trainer ------------------------------------------------------------------------------------
+    def data_size(self, data) -> int:
+        return len(data.unpaired)
+
+    def data_rows(self, data, tokenizer, data_config, pairs: list[dict] | None) -> tuple[list, dict]:
+        from studylib.lm.data import tokenize_unpaired  # datasets: loaded only by the LM runs
+
+        rows, counts = tokenize_unpaired(
+            data.unpaired, tokenizer, data_config.max_length, data_config.max_prompt_length
+        )
+        return rows, {f"rows/{k}": v for k, v in counts.items()}
+
     def reference_completions(self, rows: list[dict]) -> dict[str, list]:
         return {"logps": [r["completion_ids"] for r in rows]}
 
@@ -55,6 +66,10 @@ class UnpairedFamily(Family):
 
     def table_inputs(self, policy: Tensor, reference: Tensor, labels: Tensor | None = None) -> Inputs:
         return {"policy_logps": policy, "reference_logps": reference, "labels": labels}
+
+    def table_batch(self, policy: Tensor, reference: Tensor, x: Tensor, y: Tensor, labels: Tensor) -> Inputs:
+        """The loss's inputs for a minibatch of rows ``(x, y, label)`` on (prompts x items) tables of log-probs."""
+        return self.table_inputs(policy[x, y], reference[x, y], labels)
 
     def cell_rows(self, loss, data, log_ref: Tensor, rewards: Tensor | None) -> tuple:
         from studylib.lm_exact import cells
@@ -112,6 +127,12 @@ class UnpairedMismatchedFamily(UnpairedFamily):
             "policy_kl_logps": kl_policy,
             "reference_kl_logps": kl_reference,
         }
+
+    def table_batch(self, policy: Tensor, reference: Tensor, x: Tensor, y: Tensor, labels: Tensor) -> Inputs:
+        """... plus the mismatched pairs: each prompt with the previous row's item (TRL's shift by one)."""
+        shifted = torch.roll(y, 1)
+        mismatched = {"policy_kl_logps": policy[x, shifted], "reference_kl_logps": reference[x, shifted]}
+        return super().table_batch(policy, reference, x, y, labels) | mismatched
 
     def toy_fit(self, problem, counts, loss, ridge: float, rewards: Tensor | None) -> tuple:
         from studylib.toy import fit

@@ -29,7 +29,6 @@ from torch import nn
 from studylib.families import family_of
 from studylib.lm.annotators import AnnotatorPool
 from studylib.lm.config import RunConfig
-from studylib.lm.data import tokenize_unpaired
 from studylib.lm.evaluate import evaluate_policy
 from studylib.lm.export import curves_frame, run_record, save_run
 from studylib.lm.models import load_policy
@@ -120,13 +119,8 @@ def train_policy(
             pair_rows = attach_reward_margins(reward_model, pair_rows)
     out = config.checkpoint_dir()
     if plan.trainer == "offline":
-        if plan.rows == "unpaired":
-            rows, counts = tokenize_unpaired(
-                data.unpaired, tokenizer, config.data.max_length, config.data.max_prompt_length
-            )
-            info.update({f"rows/{k}": v for k, v in counts.items()})
-        else:
-            rows = pair_rows
+        rows, counts = family_of(loss_fn).data_rows(data, tokenizer, config.data, pair_rows)
+        info.update(counts)
         trainer = train(model, tokenizer, rows, loss_fn, config.train, out, reference_model, runtime)
         return trainer.model, [entry for entry in trainer.state.log_history if "loss" in entry], info
     policy, history = train_online(
@@ -169,7 +163,7 @@ def run_experiment(config: RunConfig) -> dict:
     data = load_preferences(config, model, tokenizer, pool, runtime)
     loss_fn = build_run_loss(config, data)
     plan = plan_training(loss_fn, config.online)
-    check_batches_fit(config, data, plan)
+    check_batches_fit(config, data, plan, family_of(loss_fn))
     if main_process:
         claim_run(config)
     runtime.wait_for_everyone()  # no process writes into the folder before the main process has claimed it

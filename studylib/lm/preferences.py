@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from studylib.checks import UserError
+from studylib.families import Family
 from studylib.lm.annotators import AnnotatorPool
 from studylib.lm.config import RunConfig
 from studylib.lm.data import (
@@ -137,11 +138,12 @@ def tokenized_pairs(config: RunConfig, data: PreferenceData, tokenizer, loss_fn:
     return tokenize_paired(data.paired, tokenizer, config.data.max_length, config.data.max_prompt_length)
 
 
-def check_batches_fit(config: RunConfig, data: PreferenceData, plan) -> None:
-    """Refuse an offline step larger than the training set (each step would silently repeat an epoch)."""
+def check_batches_fit(config: RunConfig, data: PreferenceData, plan, family: Family) -> None:
+    """Refuse an offline step larger than the training set (each step would silently repeat an epoch); ``family``:
+    the loss's (``studylib.families``), which says how many training rows the data set holds for it."""
     if plan.trainer != "offline":
         return
-    rows = len(data.paired) if plan.rows == "paired" and data.paired is not None else len(data.unpaired)
+    rows = family.data_size(data)
     per_step = config.train.batch_size * config.train.gradient_accumulation_steps
     if per_step > rows:
         raise UserError(

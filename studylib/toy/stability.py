@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from studylib.families import family_of
 from studylib.toy.fit import one_thread
 from studylib.toy.problems import TabularProblem, sample_rows, unpaired_view
 from studylib.toy.sweeps import Method
@@ -82,11 +83,7 @@ def stability_run(
             idx = order[step * batch_size : (step + 1) * batch_size]
             logp = torch.log_softmax(theta, -1)
             bx, by = x[idx], y[idx]
-            extra = {}
-            if loss_fn.mismatched_pairs:
-                shifted = torch.roll(by, 1)
-                extra = {"policy_kl_logps": logp[bx, shifted], "reference_kl_logps": log_ref[bx, shifted]}
-            loss, metrics = loss_fn(logp[bx, by], log_ref[bx, by], labels[idx], **extra)
+            loss, metrics = loss_fn(**family_of(loss_fn).table_batch(logp, log_ref, bx, by, labels[idx]))
             opt.zero_grad()
             loss.backward()
             grad_norm = theta.grad.norm().item()
