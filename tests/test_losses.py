@@ -93,7 +93,10 @@ def test_simpo_hand_value_and_optimum():
     assert at_margin.item() == pytest.approx(math.log(2), rel=1e-12)
     # reference log-probs, if passed, change nothing: SimPO is reference-free
     with_ref, _ = get_loss("simpo")(
-        torch.tensor([-0.5]), torch.tensor([-1.5]), torch.tensor([9.0]), torch.tensor([-9.0])
+        torch.tensor([-0.5]),
+        torch.tensor([-1.5]),
+        reference_chosen_logps=torch.tensor([9.0]),
+        reference_rejected_logps=torch.tensor([-9.0]),
     )
     without, _ = get_loss("simpo")(torch.tensor([-0.5]), torch.tensor([-1.5]))
     assert with_ref.item() == without.item()

@@ -53,6 +53,13 @@ class SchemaError(UserError):
     """A data set does not have the expected columns or value types; the message names column, row and source."""
 
 
+def _read_columns(source: str | Path, split: str, columns: tuple[str, ...], limit: int | None) -> tuple[Dataset, str]:
+    """``_read_raw``, checked to have ``columns``, its first ``limit`` rows (all if None)."""
+    raw, where = _read_raw(source, split)
+    _need_columns(raw, columns, where)
+    return (raw if limit is None else raw.select(range(min(limit, len(raw))))), where
+
+
 def _read_raw(source: str | Path, split: str) -> tuple[Dataset, str]:
     """The raw rows of ``source`` (a local file/directory, or a hub id) and a description for error messages."""
     path = Path(source).expanduser()
@@ -137,10 +144,7 @@ def load_unpaired(
     column, row and source (``drop_empty=True`` skips rows with empty completions, with a logged count).
     ``limit`` keeps the first rows only.
     """
-    raw, where = _read_raw(source, split)
-    _need_columns(raw, ("prompt", "completion", "label"), where)
-    if limit is not None:
-        raw = raw.select(range(min(limit, len(raw))))
+    raw, where = _read_columns(source, split, ("prompt", "completion", "label"), limit)
     out: dict[str, list] = {"prompt": [], "completion": [], "label": []}
     dropped = 0
     for i, row in enumerate(raw):
@@ -168,10 +172,7 @@ def load_paired(
     If ``chosen`` is a conversation, the prompt is its messages before the last; else the ``prompt`` column.
     Errors and ``drop_empty`` as in ``load_unpaired``.
     """
-    raw, where = _read_raw(source, split)
-    _need_columns(raw, ("prompt", "chosen", "rejected"), where)
-    if limit is not None:
-        raw = raw.select(range(min(limit, len(raw))))
+    raw, where = _read_columns(source, split, ("prompt", "chosen", "rejected"), limit)
     out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
     dropped = 0
     for i, row in enumerate(raw):

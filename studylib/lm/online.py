@@ -53,6 +53,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -334,39 +335,19 @@ class OnlineTrainer:
 
 
 def train_online(
-    model: PreTrainedModel,
-    tokenizer,
-    loss_fn: Loss,
-    config: TrainConfig,
-    *,
-    prompt_ids: Sequence[Sequence[int]] | None = None,
-    reward_fn: RewardFn | None = None,
-    pair_rows: Sequence[dict] | None = None,
-    output_dir: str | Path | None = None,
-    reference_model: nn.Module | None = None,
-    runtime: Runtime | None = None,
+    model: PreTrainedModel, tokenizer, loss_fn: Loss, config: TrainConfig, **options: Any
 ) -> tuple[PreTrainedModel, list[dict]]:
     """Train ``model`` on-policy with ``loss_fn``; returns the policy (PEFT-wrapped under LoRA) and its history.
 
-    ``prompt_ids``: chat-templated prompt tokens (``studylib.lm.data.encode_prompt``), for losses that sample
-    groups or pairs. ``reward_fn(prompt_ids, completion_ids) -> Tensor``: one reward per row (e.g.
-    ``RewardModel.score``). ``pair_rows``: data-set pairs for ``pmle`` and offline ``distill``. Each history
-    entry has ``step``, ``loss``, ``grad_norm``, ``learning_rate``, the loss's metrics (TRL names; ``kl`` is
-    the sample estimate of ``KL(pi || pi_0)``), ``completions/mean_length`` and ``step_seconds``.
-    ``reference_model``: the frozen reference under full fine-tuning (a copy of ``model`` if None).
-    ``runtime``: the run's device, processes and precision (made from ``config.bf16`` if None).
+    ``options``, as ``OnlineTrainer`` takes them: ``prompt_ids``: chat-templated prompt tokens
+    (``studylib.lm.data.encode_prompt``), for losses that sample groups or pairs. ``reward_fn(prompt_ids,
+    completion_ids) -> Tensor``: one reward per row (e.g. ``RewardModel.score``). ``pair_rows``: data-set pairs for
+    ``pmle`` and offline ``distill``. ``output_dir``: checkpoints and ``history.jsonl`` (resumed from if present).
+    ``reference_model``: the frozen reference under full fine-tuning (a copy of ``model`` if None). ``runtime``: the
+    run's device, processes and precision (made from ``config.bf16`` if None). Each history entry has ``step``,
+    ``loss``, ``grad_norm``, ``learning_rate``, the loss's metrics (TRL names; ``kl`` is the sample estimate of
+    ``KL(pi || pi_0)``), ``completions/mean_length`` and ``step_seconds``.
     """
-    trainer = OnlineTrainer(
-        model,
-        tokenizer,
-        loss_fn,
-        config,
-        prompt_ids=prompt_ids,
-        reward_fn=reward_fn,
-        pair_rows=pair_rows,
-        output_dir=output_dir,
-        reference_model=reference_model,
-        runtime=runtime,
-    )
+    trainer = OnlineTrainer(model, tokenizer, loss_fn, config, **options)
     history = trainer.train()
     return trainer.policy, history

@@ -30,6 +30,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -323,22 +324,15 @@ def build_trainer(
     )
 
 
-def train(
-    model: PreTrainedModel,
-    tokenizer,
-    rows: list[dict],
-    loss_fn: Loss,
-    config: TrainConfig,
-    output_dir: str | Path,
-    reference_model: nn.Module | None = None,
-    runtime: Runtime | None = None,
-) -> AlignmentTrainer:
-    """Build the trainer and train, resuming from the last complete checkpoint in ``output_dir`` if there is one
-    (``checkpoints.latest_complete``: a later, incomplete one is set aside); a full disk is reported as such.
+def train(*args: Any, **kwargs: Any) -> AlignmentTrainer:
+    """Build the trainer (``build_trainer``: the same arguments) and train, resuming from the last complete checkpoint
+    in its ``output_dir`` if there is one (``checkpoints.latest_complete``: a later, incomplete one is set aside); a
+    full disk is reported as such.
 
     Returns the trainer: ``trainer.model`` is the trained policy, ``trainer.state.log_history`` the curves.
     """
-    trainer = build_trainer(model, tokenizer, rows, loss_fn, config, output_dir, reference_model, runtime)
+    trainer = build_trainer(*args, **kwargs)
+    loss_fn, output_dir = trainer.loss_fn, Path(trainer.args.output_dir)
     required = (LOSS_STATE,) if loss_fn.state_dict() else ()  # a loss with state needs it back to resume
     last = latest_complete(output_dir, lambda folder: trainer_checkpoint_complete(folder, required))
     if last is not None and (last / LOSS_STATE).is_file():

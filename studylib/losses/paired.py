@@ -15,6 +15,7 @@ from torch import Tensor
 from studylib.losses.base import (
     Loss,
     LossOutput,
+    Metrics,
     check_non_negative,
     check_positive,
     check_tensors,
@@ -95,14 +96,8 @@ class SimPO(Loss):
         self.beta = check_positive("beta", beta)
         self.gamma = check_non_negative("gamma", gamma)
 
-    def __call__(
-        self,
-        policy_chosen_logps: Tensor,
-        policy_rejected_logps: Tensor,
-        reference_chosen_logps: Tensor | None = None,
-        reference_rejected_logps: Tensor | None = None,
-        **unused: Tensor,
-    ) -> LossOutput:
+    def __call__(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, **unused: Tensor) -> LossOutput:
+        """Reference-free: reference log-probs, if a caller passes them (by keyword), are not read."""
         check_tensors(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
         chosen_rewards = self.beta * policy_chosen_logps
         rejected_rewards = self.beta * policy_rejected_logps
@@ -110,7 +105,52 @@ class SimPO(Loss):
         return loss, paired_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
 
 
-class PMLE(Loss):
+class _ScaledMarginLoss(Loss):
+    """What PMLE and preference distillation share (paper 3): a data term on the policy's scaled log-prob margin
+    ``z = gamma (log pi(y_w) - log pi(y_l))`` (no reference), ``gamma``-scaled reward metrics, and an added
+    ``beta KL(pi || pi_0)`` estimated from policy samples (``kl_penalty``). A subclass gives ``data_loss``."""
+
+    kind = "paired"
+    uses_reference = False
+
+    def __init__(self, gamma: float, beta: float) -> None:
+        self.gamma = check_positive("gamma", gamma)
+        self.beta = check_non_negative("beta", beta)
+
+    @property
+    def kl_coefficient(self) -> float:
+        return self.beta
+
+    def data_loss(self, logits: Tensor, reward_margins: Tensor | None) -> tuple[Tensor, Metrics]:
+        """The data term's mean over pairs from ``z`` (``logits``), and any metrics of its own."""
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        reference_chosen_logps: Tensor | None = None,
+        reference_rejected_logps: Tensor | None = None,
+        reward_margins: Tensor | None = None,
+        kl_penalty: Tensor | None = None,
+        **unused: Tensor,
+    ) -> LossOutput:
+        check_tensors(
+            policy_chosen_logps=policy_chosen_logps,
+            policy_rejected_logps=policy_rejected_logps,
+            reward_margins=reward_margins,
+            reference_chosen_logps=reference_chosen_logps,
+            reference_rejected_logps=reference_rejected_logps,
+        )
+        loss, extra = self.data_loss(self.gamma * (policy_chosen_logps - policy_rejected_logps), reward_margins)
+        metrics = _gamma_metrics(
+            self.gamma, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+        )
+        metrics |= extra
+        return _add_kl(loss, metrics, self.beta, kl_penalty, self.name), metrics
+
+
+class PMLE(_ScaledMarginLoss):
     """Preference maximum likelihood (Yun et al., "Alignment as Distribution Learning", v2; read).
 
     ``loss = -log sigmoid(gamma (log pi(y_w) - log pi(y_l))) + beta KL(pi || pi_0)``
@@ -122,40 +162,15 @@ class PMLE(Loss):
     """
 
     name = "pmle"
-    kind = "paired"
-    uses_reference = False
 
     def __init__(self, gamma: float = 5e-3, beta: float = 0.0) -> None:
-        self.gamma = check_positive("gamma", gamma)
-        self.beta = check_non_negative("beta", beta)
+        super().__init__(gamma, beta)
 
-    @property
-    def kl_coefficient(self) -> float:
-        return self.beta
-
-    def __call__(
-        self,
-        policy_chosen_logps: Tensor,
-        policy_rejected_logps: Tensor,
-        reference_chosen_logps: Tensor | None = None,
-        reference_rejected_logps: Tensor | None = None,
-        kl_penalty: Tensor | None = None,
-        **unused: Tensor,
-    ) -> LossOutput:
-        check_tensors(
-            policy_chosen_logps=policy_chosen_logps,
-            policy_rejected_logps=policy_rejected_logps,
-            reference_chosen_logps=reference_chosen_logps,
-            reference_rejected_logps=reference_rejected_logps,
-        )
-        loss = -F.logsigmoid(self.gamma * (policy_chosen_logps - policy_rejected_logps)).mean()
-        metrics = _gamma_metrics(
-            self.gamma, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
-        )
-        return _add_kl(loss, metrics, self.beta, kl_penalty, "pmle"), metrics
+    def data_loss(self, logits: Tensor, reward_margins: Tensor | None) -> tuple[Tensor, Metrics]:
+        return -F.logsigmoid(logits).mean(), {}
 
 
-class PreferenceDistillation(Loss):
+class PreferenceDistillation(_ScaledMarginLoss):
     """Preference distillation (Yun et al., "Alignment as Distribution Learning", v2; read).
 
     A reward model ``R`` fit by Bradley-Terry log-loss gives soft labels ``p = sigmoid(R(y1) - R(y2))``;
@@ -169,42 +184,14 @@ class PreferenceDistillation(Loss):
     """
 
     name = "distill"
-    kind = "paired"
-    uses_reference = False
     needs_reward_model = True
 
     def __init__(self, gamma: float = 0.1, beta: float = 0.05) -> None:
-        self.gamma = check_positive("gamma", gamma)
-        self.beta = check_non_negative("beta", beta)
+        super().__init__(gamma, beta)
 
-    @property
-    def kl_coefficient(self) -> float:
-        return self.beta
-
-    def __call__(
-        self,
-        policy_chosen_logps: Tensor,
-        policy_rejected_logps: Tensor,
-        reference_chosen_logps: Tensor | None = None,
-        reference_rejected_logps: Tensor | None = None,
-        reward_margins: Tensor | None = None,
-        kl_penalty: Tensor | None = None,
-        **unused: Tensor,
-    ) -> LossOutput:
+    def data_loss(self, logits: Tensor, reward_margins: Tensor | None) -> tuple[Tensor, Metrics]:
         if reward_margins is None:
             raise ValueError("distill needs reward_margins = R(y1) - R(y2) from a reward model (keyword argument)")
-        check_tensors(
-            policy_chosen_logps=policy_chosen_logps,
-            policy_rejected_logps=policy_rejected_logps,
-            reward_margins=reward_margins,
-            reference_chosen_logps=reference_chosen_logps,
-            reference_rejected_logps=reference_rejected_logps,
-        )
         target = torch.sigmoid(reward_margins.detach())
-        logits = self.gamma * (policy_chosen_logps - policy_rejected_logps)
         loss = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
-        metrics = _gamma_metrics(
-            self.gamma, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
-        )
-        metrics["targets/mean"] = target.mean()
-        return _add_kl(loss, metrics, self.beta, kl_penalty, "distill"), metrics
+        return loss, {"targets/mean": target.mean()}
