@@ -72,12 +72,6 @@ class ChosenOnlyFamily(Family):
     row_keys = ("prompt_ids", "chosen_ids")
     policy_keys = ("policy_logps",)
 
-    def reference_completions(self, rows: list[dict]) -> dict[str, list]:
-        return {}
-
-    def attach_reference(self, rows: list[dict], scores: dict) -> list[dict]:
-        return rows
-
     def collate(self, rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         return pad_sequences([r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows], pad_id)
 

@@ -107,19 +107,21 @@ def train_policy(
     """
     runtime = runtime if runtime is not None else make_runtime(config.train.bf16)
     info: dict[str, Any] = {"trainer": plan.trainer}
+    family = family_of(loss_fn)
+    on_data_pairs = plan.rows != "prompts" and family.uses_pairs  # trains on the data set's pairs
     pair_rows = None
-    if plan.rows == "paired" or plan.reward_model:
+    if on_data_pairs or plan.reward_model:
         pair_rows, counts = tokenized_pairs(config, data, tokenizer, loss_fn)
         info.update({f"pairs/{k}": v for k, v in counts.items()})
     reward_model = None
     if plan.reward_model:
         reward_model, reward_info = reward_model_for(config, model, tokenizer, pair_rows, runtime)
         info.update(reward_info)
-        if plan.rows == "paired":  # soft labels from the reward model on the data set's pairs
+        if on_data_pairs:  # soft labels from the reward model on the data set's pairs
             pair_rows = attach_reward_margins(reward_model, pair_rows)
     out = config.checkpoint_dir()
     if plan.trainer == "offline":
-        rows, counts = family_of(loss_fn).data_rows(data, tokenizer, config.data, pair_rows)
+        rows, counts = family.data_rows(data, tokenizer, config.data, pair_rows)
         info.update(counts)
         trainer = train(model, tokenizer, rows, loss_fn, config.train, out, reference_model, runtime)
         return trainer.model, [entry for entry in trainer.state.log_history if "loss" in entry], info
