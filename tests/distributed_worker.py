@@ -190,7 +190,7 @@ BUILDS = {"offline data": 0, "reward model": 0, "reference log-probs": 0}
 def count_builds() -> None:
     """Count the calls that build a cache: sampling the offline data, fitting a reward model, scoring the
     reference log-probs of the offline trainer (a cache hit calls none of them)."""
-    import studylib.lm.experiment as experiment
+    import studylib.lm.reward as reward
     import studylib.lm.synth as synth
     import studylib.lm.trainer as trainer
 
@@ -204,7 +204,7 @@ def count_builds() -> None:
         setattr(module, name, wrapper)
 
     counted(synth, "sample_ids_and_texts", "offline data")
-    counted(experiment, "train_reward_model", "reward model")
+    counted(reward, "train_reward_model", "reward model")
     counted(trainer, "score_sequences", "reference log-probs")
 
 

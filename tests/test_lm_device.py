@@ -57,7 +57,7 @@ def test_a_run_computes_on_its_device_and_leaves_nothing_behind(tiny_run, on_fak
     on_policy = CASES[case]["loss"] in ("reverse_kl", "pmle")  # the offline trainer alone takes training_args
     config = tiny_run(**({} if on_policy else PLAIN_ADAM) | CASES[case])
     placed = []
-    original_evaluate = __import__("studylib.lm.experiment", fromlist=["evaluate"]).evaluate
+    original_evaluate = __import__("studylib.lm.evaluate", fromlist=["evaluate"]).evaluate
 
     def evaluate_and_check(policy, *args, **kwargs):  # where training left the policy: on the device, all of it
         placed.append(all(isinstance(p, OnDevice) for p in policy.parameters()))

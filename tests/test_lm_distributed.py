@@ -88,6 +88,11 @@ def test_logged_losses_and_metrics_equal_one_process(runs, case):
     for step, (a, b) in enumerate(zip(expected, got, strict=True), start=1):
         assert set(a) == set(b), f"{case} step {step}: logged {sorted(set(a) ^ set(b))} in one run only"
         for key, value in a.items():
+            if key == "rewards/accuracies" and step == 1:
+                # at step 1 the policy is its reference, so every margin is 0 up to float32 rounding, and the share
+                # of margins > 0 is that rounding's sign (0.25 against 0.0 on an AVX2-only processor); the margins
+                # themselves are compared (to ABS)
+                continue
             assert b[key] == pytest.approx(value, rel=REL, abs=ABS), f"{case} step {step}: {key}"
 
 
