@@ -2,11 +2,13 @@
 step runs and the inputs the loss receives (``studylib.families.base.Family``).
 
 >>> from studylib.families import family_of
+>>> from studylib.losses import get_loss
 >>> family_of(get_loss("kto")).name
 'unpaired_mismatched'
 
-``family_of`` is the one place a loss's family declaration (``Loss.kind``, ``Loss.mismatched_pairs``) is read;
-everything else asks the family object. Adding a family: a ``Family`` subclass and one entry in ``FAMILIES``.
+``family_of`` picks a loss's family from its declarations (``Loss.kind``, ``Loss.mismatched_pairs``, compared by
+``Family.serves``); everything outside ``studylib/losses`` and this package asks the family object. Adding a family:
+a ``Family`` subclass and one entry in ``FAMILIES`` (docs/DESIGN.md).
 """
 
 from __future__ import annotations

@@ -4,15 +4,17 @@ which inputs reach the loss, in each place the study trains a loss.
 A loss declares its family (``Loss.kind``, and ``mismatched_pairs`` for KTO's ``z0``); ``studylib.families.family_of``
 finds the family object, and every trainer asks that object instead of testing the declaration:
 
+- the run (``studylib.lm.experiment``): ``data_rows`` (the offline trainer's rows from a run's data set) and
+  ``data_size`` (``lm.preferences.check_batches_fit``);
 - the offline LM trainer (``studylib.lm.trainer``): ``check_rows``, ``prepare_rows``, ``reference_completions`` /
   ``attach_reference`` (reference log-probs computed once), ``collate`` and ``loss_inputs`` (the step's forward passes,
   gathered over processes);
-- the on-policy LM trainer (``studylib.lm.online``): ``sampled_inputs`` (a step on completions sampled from the
-  policy) and ``pair_inputs`` (a step on the data set's pairs, with a KL term);
-- the run's routing and checks (``studylib.lm.experiment.plan_training``, ``studylib.lm.config``): the class
-  attributes below;
+- the on-policy LM trainer (``studylib.lm.online``): ``check_rows`` (for data-set pairs), ``sampled_inputs`` (a step
+  on completions sampled from the policy) and ``pair_inputs`` (a step on the data set's pairs, with a KL term);
+- the run's routing and checks (``studylib.lm.experiment.plan_training``, ``studylib.lm.config``,
+  ``Loss.samples_policy``): the class attributes below;
 - the tables (the toy's exact fits and stability runs, ``studylib.toy``; the answer-set study,
-  ``studylib.lm_exact``): ``toy_fit``, ``table_inputs``, ``table_batch`` and ``cell_rows``.
+  ``studylib.lm_exact``): ``toy_fit``, ``needs_reward_table``, ``table_inputs``, ``table_batch`` and ``cell_rows``.
 
 Adding a family is one subclass here and one entry in ``studylib.families.FAMILIES`` (docs/DESIGN.md).
 """

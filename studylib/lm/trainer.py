@@ -209,12 +209,13 @@ class AlignmentTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def _rows_key(rows: list[dict], kind: str, average: bool) -> str:
-    digest = hashlib.sha256(json.dumps([kind, average]).encode())
-    for r in rows:
-        for key in ("prompt_ids", "completion_ids", "chosen_ids", "rejected_ids", "kl_completion_ids"):
-            if key in r:
-                digest.update(str(r[key]).encode())
+def _scored_key(prompts: list, completions: dict[str, list], average: bool) -> str:
+    """The cache key of reference log-probs: exactly what is scored (prompts, each named list of completions, and
+    whether log-probs are averaged), so another family's or another data set's rows never hit this cache."""
+    digest = hashlib.sha256(json.dumps([sorted(completions), average]).encode())
+    digest.update(str(prompts).encode())
+    for name in sorted(completions):
+        digest.update(str(completions[name]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -231,8 +232,8 @@ def attach_reference_logps(
     (``Family.reference_completions``: paired rows' chosen and rejected, unpaired rows' completion and KTO's
     mismatched one), computed once on ``device`` (where the reference is: the run's) and cached in ``output_dir``."""
     family, average = family_of(loss_fn), loss_fn.length_normalized
-    cache = Path(output_dir) / f"reference_logps-{_rows_key(rows, family.kind, average)}.pt"
-    prompts = [r["prompt_ids"] for r in rows]
+    prompts, scored = [r["prompt_ids"] for r in rows], family.reference_completions(rows)
+    cache = Path(output_dir) / f"reference_logps-{_scored_key(prompts, scored, average)}.pt"
     if cache.exists():
         cached = torch.load(cache, weights_only=True)
     else:
@@ -241,7 +242,7 @@ def attach_reference_logps(
                 name: score_sequences(
                     model, prompts, completions, pad_id, batch_size, average, "reference log-probs", device
                 )
-                for name, completions in family.reference_completions(rows).items()
+                for name, completions in scored.items()
             }
         buffer = io.BytesIO()
         torch.save(cached, buffer)

@@ -173,8 +173,10 @@ class Loss:
 
     @property
     def samples_policy(self) -> bool:
-        """Whether a step needs fresh samples from the current policy (on-policy, or a KL term)."""
-        return self.kind == "on_policy" or self.kl_coefficient > 0
+        """Whether a step needs fresh samples from the current policy (a family that samples prompts, or a KL term)."""
+        from studylib.families import family_of  # the families import nothing of the losses at run time
+
+        return family_of(self).samples_prompts or self.kl_coefficient > 0
 
     def state_dict(self) -> dict[str, float]:
         """What the loss carries from batch to batch (BCO's running mean), for a checkpoint; ``{}``: nothing."""
