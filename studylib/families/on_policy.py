@@ -14,7 +14,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from studylib.families.base import Family, Inputs
-from studylib.lm.batching import gather_rows, process_share
 
 
 class OnPolicyFamily(Family):
@@ -25,12 +24,7 @@ class OnPolicyFamily(Family):
 
     def sampled_inputs(self, trainer, seed: int) -> tuple[Inputs, dict[str, Tensor], list]:
         k = trainer.config.samples_per_prompt
-        prompts = trainer.step_prompts(k)
-        completions = trainer.sample(prompts, seed)
-        mine = process_share(len(prompts))
-        rewards = trainer.rewards(prompts[mine], completions[mine])
-        policy, reference = trainer.logps(prompts[mine], completions[mine])
-        policy, reference, rewards = gather_rows(policy, reference, rewards.to(trainer.device))
+        policy, reference, rewards, completions = trainer.sampled_rows(k, seed)
         inputs = {"policy_logps": policy, "reference_logps": reference, "rewards": rewards, "samples_per_prompt": k}
         return inputs, {}, completions
 

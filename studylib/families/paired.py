@@ -76,12 +76,7 @@ class PairedFamily(Family):
     # --- the on-policy LM trainer ----------------------------------------------------------------------------------
     def sampled_inputs(self, trainer, seed: int) -> tuple[Inputs, dict[str, Tensor], list]:
         """Online distillation: two samples of each prompt, labelled by reward margins, plus the KL term on them."""
-        prompts = trainer.step_prompts(2)
-        completions = trainer.sample(prompts, seed)
-        mine = process_share(len(prompts))
-        rewards = trainer.rewards(prompts[mine], completions[mine])
-        policy, reference = trainer.logps(prompts[mine], completions[mine])
-        policy, reference, rewards = gather_rows(policy, reference, rewards.to(trainer.device))
+        policy, reference, rewards, completions = trainer.sampled_rows(2, seed)
         inputs = _pairs(policy[0::2], policy[1::2], None, None, rewards[0::2] - rewards[1::2])
         if trainer.loss_fn.kl_coefficient > 0:
             inputs["kl_penalty"] = trainer.kl_estimate(policy, reference, 2)

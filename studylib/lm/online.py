@@ -62,10 +62,12 @@ from transformers import PreTrainedModel, get_scheduler
 
 from studylib.families import family_of
 from studylib.lm.batching import (
+    gather_rows,
     model_logps,
     pad_sequences,
     pad_token_id,
     process_group,
+    process_share,
     sum_gradients,
 )
 from studylib.lm.checkpoints import disk_full_guard, latest_complete, numbered
@@ -217,6 +219,18 @@ class OnlineTrainer:
         """The step's prompts (a seeded permutation per epoch), each repeated ``k`` times."""
         order = _batch_order(len(self.prompt_ids), self.config.prompts_per_step, self.step, self.config.seed)
         return [self.prompt_ids[i] for i in order for _ in range(k)]
+
+    def sampled_rows(self, k: int, seed: int) -> tuple[Tensor, Tensor | None, Tensor, list[list[int]]]:
+        """The step's prompts, ``k`` samples of each from the current policy, and the whole step's per-sample policy
+        log-probs (with gradients), reference log-probs and rewards, each process scoring its share then gathering
+        (``batching.gather_rows``); and the samples."""
+        prompts = self.step_prompts(k)
+        completions = self.sample(prompts, seed)
+        mine = process_share(len(prompts))
+        rewards = self.rewards(prompts[mine], completions[mine])
+        policy, reference = self.logps(prompts[mine], completions[mine])
+        policy, reference, rewards = gather_rows(policy, reference, rewards.to(self.device))
+        return policy, reference, rewards, completions
 
     def step_pair_rows(self) -> list[dict]:
         """The step's data-set pairs (a seeded permutation per epoch)."""
