@@ -97,6 +97,13 @@ class EvalConfig:
     eval_samples_per_prompt: int = 2  # samples from the policy and from the reference per prompt
     eval_max_new_tokens: int = 32
     eval_split: str = "test"  # offline set: "test", or "validation" (choosing knobs: studies/pilot.yaml)
+    # KL(p+ || pi) on the evaluation prompts, from this many reference samples per prompt (studylib.lm.target; 0: off)
+    target_samples_per_prompt: int = 8
+    train_eval_prompts: int = 32  # the final approval is also measured on this many training prompts (0: off)
+    # training curves: every curve_every steps (0: never), approval and KL to the target on curve_prompts validation
+    # prompts and curve_prompts training prompts (the same prompts at every point: studylib.lm.curves)
+    curve_every: int = 0
+    curve_prompts: int = 16
 
 
 # TrainingArguments fields set by a knob of TrainConfig (knob named), or fixed by the trainer (None)
@@ -223,6 +230,10 @@ class RunConfig:
             "bf16": (lambda v: v in (True, False, "auto"), "true, false or auto"),
             "max_prompt_length": (lambda v: 1 <= v < knobs["max_length"], "in [1, max_length)"),
             "eval_prompts": (lambda v: v >= 1, ">= 1 (the run is evaluated on them)"),
+            "target_samples_per_prompt": (lambda v: v >= 0, ">= 0 (0: no KL to the target)"),
+            "train_eval_prompts": (lambda v: v >= 0, ">= 0 (0: no approval on training prompts)"),
+            "curve_every": (lambda v: v >= 0, ">= 0 (0: no evaluation during training)"),
+            "curve_prompts": (lambda v: v >= 1, ">= 1"),
             "n_prompts": at_least_2,
             "completions_per_prompt": at_least_2,
         }

@@ -71,11 +71,17 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def derived_seed(seed: int, key: int) -> int:
+    """An independent sampling seed drawn from a run's seed: key 1 and 2 the evaluation's policy and reference
+    samples (``evaluation_seeds``), 3 and 4 the training curves' (``studylib.lm.curves``), 5 and 6 the final
+    distance to the target's (``distance_to_target``)."""
+    return int(np.random.SeedSequence([seed, key]).generate_state(1)[0])
+
+
 def evaluation_seeds(seed: int) -> tuple[int, int]:
     """``(policy_seed, reference_seed)``: independent sampling seeds derived from a run's seed (not ``s`` and
     ``s + 1``, which would couple one seed's policy samples to the next seed's reference samples)."""
-    policy, reference = (int(np.random.SeedSequence([seed, k]).generate_state(1)[0]) for k in (1, 2))
-    return policy, reference
+    return derived_seed(seed, 1), derived_seed(seed, 2)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -129,10 +135,13 @@ def reference_samples(
 
 def summarise(samples: pd.DataFrame, seed: int = 0) -> dict[str, float]:
     """The evaluation's numbers from its per-sample table, with 95% bootstrap intervals over prompts for the win
-    rate, the approval and the KL (``studylib.lm.stats``)."""
-    per_prompt = samples.groupby("prompt_index")[["win", "approved", "logratio"]].mean()
+    rate, the approval, its gain over the reference's samples of the same prompts, and the KL
+    (``studylib.lm.stats``)."""
+    per_prompt = samples.groupby("prompt_index")[["win", "approved", "reference_approved", "logratio"]].mean()
+    per_prompt["approval_gain"] = per_prompt["approved"] - per_prompt["reference_approved"]  # paired by prompt
     out: dict[str, float] = {}
-    for name, column in (("win_rate", "win"), ("approval", "approved"), ("kl", "logratio")):
+    for name, column in (("win_rate", "win"), ("approval", "approved"), ("approval_gain", "approval_gain"),
+                         ("kl", "logratio")):  # fmt: skip
         estimate, low, high = bootstrap_interval(per_prompt[column].to_numpy(), seed=seed)
         out |= {name: estimate, f"{name}_low": low, f"{name}_high": high}
     return out | {
@@ -257,9 +266,13 @@ def evaluate_policy(
     casting off), the numerics its loss and its on-policy samples saw. (Without it the adapters would run in
     float32: the same policy up to rounding, per-sequence log-probs differing by 0.37 nats sd on the 135M model,
     and the evaluation about a tenth slower: ``bench/eval_cost.py``.)
+
+    Beside ``evaluate``'s numbers: ``KL(p+ || pi)`` on the same prompts (``target_samples_per_prompt`` reference
+    samples each: ``studylib.lm.target``), and the approval and KL to the target on ``train_eval_prompts`` training
+    prompts (``train_`` keys), so a policy that fits its training prompts only shows it.
     """
     with autocast_context(policy, runtime.resolve(config.train), runtime.device):
-        return evaluate(
+        summary, samples = evaluate(
             policy,
             tokenizer,
             data.eval_prompts,
@@ -271,3 +284,40 @@ def evaluate_policy(
             batch_size=config.train.generation_batch_size,
             device=runtime.device,
         )
+        summary |= distance_to_target(config, policy, tokenizer, data, pool, reference, runtime)
+    return summary, samples
+
+
+def distance_to_target(
+    config: RunConfig,
+    policy,
+    tokenizer,
+    data: PreferenceData,
+    pool: AnnotatorPool,
+    reference: nn.Module | None,
+    runtime: Runtime,
+) -> dict[str, float]:
+    """``kl_to_target`` (with the reference's and the gain) on the evaluation prompts, and ``train_approval`` and
+    ``train_kl_to_target`` (with the reference's) on the first ``train_eval_prompts`` training prompts."""
+    from studylib.lm.target import TargetProbe
+
+    k = config.eval.target_samples_per_prompt
+    reference_seed, policy_seed = derived_seed(config.train.seed, 5), derived_seed(config.train.seed, 6)
+    knobs = {
+        "reference": reference,
+        "max_new_tokens": config.eval.eval_max_new_tokens,
+        "seed": reference_seed,
+        "batch_size": config.train.generation_batch_size,
+        "device": runtime.device,
+    }
+    out: dict[str, float] = {}
+    if k > 0:
+        probe = TargetProbe(policy, tokenizer, data.eval_prompts, pool, samples_per_prompt=k, **knobs)
+        out |= probe.kl(policy, seed=config.train.seed) | {"target_samples_per_prompt": k}
+    n = config.eval.train_eval_prompts
+    if n > 0 and data.train_prompts:
+        m = config.eval.eval_samples_per_prompt
+        train = TargetProbe(policy, tokenizer, data.train_prompts[:n], pool, samples_per_prompt=max(k, m), **knobs)
+        out |= train.approval(policy, m, policy_seed, prefix="train_")
+        out |= train.kl(policy, seed=config.train.seed, prefix="train_") | {"train_eval_prompts": len(train.texts)}
+    return out

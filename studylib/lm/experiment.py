@@ -13,13 +13,15 @@ run.json``, which ``accelerate launch`` can start on several GPUs)::
     plan = plan_training(loss_fn, config.online)    # which trainer and rows: the loss's family and declarations
     claim_run(config)                               # refused if the folder holds other knobs, or is in use
     reference = separate_reference(config, model)  # None under LoRA: the adapters are disabled instead
-    policy, history, info = train_policy(config, loss_fn, plan, model, tokenizer, data, reference, runtime)
+    curve = curve_probe_for(config, model, tokenizer, data, pool, reference, runtime)  # None: curve_every 0
+    policy, history, info = train_policy(config, loss_fn, plan, model, tokenizer, data, reference, runtime, curve)
     summary, samples = evaluate_policy(config, policy, tokenizer, data, pool, reference, runtime)
     save_run(config, run_record(...), curves_frame(history), samples, policy, tokenizer)
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +30,8 @@ from torch import nn
 
 from studylib.families import family_of
 from studylib.lm.annotators import AnnotatorPool
-from studylib.lm.config import RunConfig
+from studylib.lm.config import RunConfig, TrainConfig
+from studylib.lm.curves import PREFIX, CurveProbe, curve_probe_for
 from studylib.lm.evaluate import evaluate_policy
 from studylib.lm.export import curves_frame, run_record, save_run
 from studylib.lm.models import load_policy
@@ -98,12 +101,14 @@ def train_policy(
     data: PreferenceData,
     reference_model: nn.Module | None = None,
     runtime: Runtime | None = None,
+    curve: CurveProbe | None = None,
 ):
     """Train with the trainer ``plan`` names; returns (policy, per-step history, what to report).
 
     ``reference_model``: the separate frozen reference of a full fine-tuning run (``separate_reference``; the
     trainers copy ``model`` if None); LoRA runs use the policy's disabled adapters. ``runtime``: the run's device,
     processes and precision (``studylib.lm.runtime``; made from the config if None), handed to every step.
+    ``curve``: the run's evaluation during training (``studylib.lm.curves.curve_probe_for``), or None.
     """
     runtime = runtime if runtime is not None else make_runtime(config.train.bf16)
     info: dict[str, Any] = {"trainer": plan.trainer}
@@ -123,21 +128,40 @@ def train_policy(
     if plan.trainer == "offline":
         rows, counts = family.data_rows(data, tokenizer, config.data, pair_rows)
         info.update(counts)
-        trainer = train(model, tokenizer, rows, loss_fn, config.train, out, reference_model, runtime)
-        return trainer.model, [entry for entry in trainer.state.log_history if "loss" in entry], info
+        per_step = config.train.batch_size * config.train.gradient_accumulation_steps * runtime.num_processes
+        info.update(epochs_covered(config.train, len(rows), per_step))
+        trainer = train(model, tokenizer, rows, loss_fn, config.train, out, reference_model, runtime, curve)
+        logged = [e for e in trainer.state.log_history if "loss" in e or any(k.startswith(PREFIX) for k in e)]
+        return trainer.model, logged, info
+    prompt_ids = unique_prompt_ids(data, tokenizer) if plan.rows == "prompts" else None
+    steps_over = prompt_ids if prompt_ids is not None else pair_rows
+    info.update(epochs_covered(config.train, len(steps_over), config.train.prompts_per_step * runtime.num_processes))
     policy, history = train_online(
         model,
         tokenizer,
         loss_fn,
         config.train,
-        prompt_ids=unique_prompt_ids(data, tokenizer) if plan.rows == "prompts" else None,
+        prompt_ids=prompt_ids,
         reward_fn=reward_model.score if reward_model is not None and plan.rows == "prompts" else None,
         pair_rows=pair_rows if plan.pair_rows else None,
         output_dir=out,
         reference_model=reference_model,
         runtime=runtime,
+        curve=curve,
     )
     return policy, history, info
+
+
+def epochs_covered(config: TrainConfig, training_rows: int, rows_per_step: int) -> dict[str, float]:
+    """How many times the run's steps cover its training rows (prompts, for on-policy training): ``epochs``."""
+    steps = (
+        config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * training_rows / rows_per_step)
+    )
+    return {
+        "training_rows": training_rows,
+        "rows_per_step": rows_per_step,
+        "epochs": steps * rows_per_step / training_rows,
+    }
 
 
 def timed(fn, *args, **kwargs):
@@ -171,8 +195,9 @@ def run_experiment(config: RunConfig) -> dict:
     runtime.wait_for_everyone()  # no process writes into the folder before the main process has claimed it
     try:
         reference = separate_reference(config, model)
+        curve = curve_probe_for(config, model, tokenizer, data, pool, reference, runtime)
         (policy, history, info), train_seconds = timed(
-            train_policy, config, loss_fn, plan, model, tokenizer, data, reference, runtime
+            train_policy, config, loss_fn, plan, model, tokenizer, data, reference, runtime, curve
         )
         if not main_process:
             return {}

@@ -101,9 +101,12 @@ def save_trained_model(policy: nn.Module, tokenizer: Any, record: dict, director
 
 
 def curves_frame(history: list[dict]) -> pd.DataFrame:
-    """The per-step log as a table (one row per logged step)."""
+    """The per-step log as a table, one row per logged step (a step's training log and its curve point, logged
+    apart by the offline trainer, share one row)."""
     frame = pd.DataFrame(history)
-    return frame.sort_values("step").reset_index(drop=True) if "step" in frame else frame
+    if "step" not in frame:
+        return frame
+    return frame.groupby("step", sort=True).first().reset_index()
 
 
 def run_record(
@@ -128,6 +131,7 @@ def run_record(
         "dataset": config.data.dataset,
         "seed": config.train.seed,
         "steps": steps,
+        "epochs": info.get("epochs"),  # steps x rows a step / training rows (prompts, on-policy)
         "train_seconds": round(seconds["train"], 1),
         "eval_seconds": round(seconds["eval"], 1),
         "steps_per_second": steps / max(seconds["train"], 1e-9),

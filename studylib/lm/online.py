@@ -72,6 +72,7 @@ from studylib.lm.batching import (
 )
 from studylib.lm.checkpoints import disk_full_guard, latest_complete, numbered
 from studylib.lm.config import TrainConfig, record_training_config
+from studylib.lm.curves import CurveProbe
 from studylib.lm.reference import autocast_context, policy_and_reference
 from studylib.lm.runtime import Runtime, make_runtime
 from studylib.lm.sampling import sample_completions
@@ -126,7 +127,9 @@ class OnlineTrainer:
         output_dir: str | Path | None = None,
         reference_model: nn.Module | None = None,
         runtime: Runtime | None = None,
+        curve: CurveProbe | None = None,
     ) -> None:
+        self.curve = curve
         self.runtime = runtime if runtime is not None else make_runtime(config.bf16)
         self.device = self.runtime.device
         config = self.runtime.resolve(config)
@@ -295,7 +298,9 @@ class OnlineTrainer:
             record_training_config(out, self.loss_fn, self.config)
             self.resume(out)
         for _ in tqdm(range(self.step, steps), desc=f"{self.loss_fn.name} (on-policy)", leave=False):
-            self.train_step()
+            entry = self.train_step()
+            if self.curve is not None and self.rank == 0 and self.curve.due(self.step):
+                entry |= self.curve.measure(self.policy, self.step)  # before the save: a resumed run keeps it
             if out is not None and self.rank == 0 and (self.step % every == 0 or self.step == steps):
                 self.save(out)
         return self.history
@@ -358,7 +363,9 @@ def train_online(
     completion_ids) -> Tensor``: one reward per row (e.g. ``RewardModel.score``). ``pair_rows``: data-set pairs for
     ``pmle`` and offline ``distill``. ``output_dir``: checkpoints and ``history.jsonl`` (resumed from if present).
     ``reference_model``: the frozen reference under full fine-tuning (a copy of ``model`` if None). ``runtime``: the
-    run's device, processes and precision (made from ``config.bf16`` if None). Each history entry has ``step``,
+    run's device, processes and precision (made from ``config.bf16`` if None). ``curve``: a
+    ``studylib.lm.curves.CurveProbe`` measured every ``curve.every`` steps into that step's entry, or None.
+    Each history entry has ``step``,
     ``loss``, ``grad_norm``, ``learning_rate``, the loss's metrics (TRL names; ``kl`` is the sample estimate of
     ``KL(pi || pi_0)``), ``completions/mean_length`` and ``step_seconds``.
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,10 @@ class PreferenceData:
     eval_prompts: list
     preferred_fraction: float
     description: dict
+    # fixed prompts for the training curves and the training-prompt approval (studylib.lm.curves): the offline set's
+    # validation prompts (a hub set has none: its evaluation prompts), and the distinct training prompts in order
+    validation_prompts: list = field(default_factory=list)
+    train_prompts: list = field(default_factory=list)
 
 
 def load_preferences(
@@ -61,8 +65,10 @@ def load_preferences(
             "eval_split": config.eval.eval_split,
         }
         return PreferenceData(
-            offline.unpaired_train, offline.paired_train, eval_prompts, offline.preferred_fraction, description
-        )
+            offline.unpaired_train, offline.paired_train, eval_prompts, offline.preferred_fraction, description,
+            validation_prompts=offline.validation_prompts or eval_prompts,
+            train_prompts=distinct_prompts(offline.unpaired_train["prompt"]),
+        )  # fmt: skip
     train_set, test, split = _hub_splits(config)
     if data.dataset in PAIRED_DATASETS:
         paired, unpaired = train_set, paired_to_unpaired(train_set)
@@ -85,7 +91,16 @@ def load_preferences(
     }
     if description["duplicate_rows"]:
         warnings.warn(f"{description['source']}: {description['duplicate_rows']} duplicate training rows", stacklevel=2)
-    return PreferenceData(unpaired, paired, [json.loads(k) for k in eval_prompts], fraction, description)
+    eval_messages = [json.loads(k) for k in eval_prompts]
+    return PreferenceData(
+        unpaired, paired, eval_messages, fraction, description,
+        validation_prompts=eval_messages, train_prompts=distinct_prompts(train_set["prompt"]),
+    )  # fmt: skip
+
+
+def distinct_prompts(prompts) -> list:
+    """The distinct prompts (chat messages) of a column, in first-seen order."""
+    return [json.loads(k) for k in dict.fromkeys(prompt_key(p) for p in prompts)]
 
 
 def _offline_set(config: RunConfig, model, tokenizer, pool: AnnotatorPool, runtime: Runtime):

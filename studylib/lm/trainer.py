@@ -48,6 +48,7 @@ from studylib.lm.batching import (
 )
 from studylib.lm.checkpoints import disk_full_guard, latest_complete, trainer_checkpoint_complete
 from studylib.lm.config import TrainConfig, check_training_args, record_training_config
+from studylib.lm.curves import CurveCallback, CurveProbe
 from studylib.lm.reference import Reference, adapter_input_casting_off, autocast_context, policy_and_reference
 from studylib.lm.runtime import Runtime, make_runtime
 from studylib.losses import Loss
@@ -287,6 +288,7 @@ def build_trainer(
     output_dir: str | Path,
     reference_model: nn.Module | None = None,
     runtime: Runtime | None = None,
+    curve: CurveProbe | None = None,
 ) -> AlignmentTrainer:
     """An ``AlignmentTrainer`` ready to train ``model`` on token rows (reference log-probs attached if precomputed).
 
@@ -299,6 +301,7 @@ def build_trainer(
     ``runtime``: the run's device, processes and precision (``studylib.lm.runtime``; made from ``config.bf16`` if
     None). The policy and the reference are placed on its device before anything runs, so the reference log-probs
     are computed there, under the training's autocast, by the main process first (the others then read its cache).
+    ``curve``: measured every ``curve.every`` steps into the log history (``studylib.lm.curves``), or None.
     """
     check_rows(rows, loss_fn)
     runtime = runtime if runtime is not None else make_runtime(config.bf16)
@@ -321,7 +324,7 @@ def build_trainer(
         data_collator=AlignmentCollator(pad_id, family),
         loss_fn=loss_fn,
         reference=reference,
-        callbacks=[LossStateCallback(loss_fn)],
+        callbacks=[LossStateCallback(loss_fn)] + ([CurveCallback(curve)] if curve is not None else []),
     )
 
 
@@ -330,7 +333,8 @@ def train(*args: Any, **kwargs: Any) -> AlignmentTrainer:
     in its ``output_dir`` if there is one (``checkpoints.latest_complete``: a later, incomplete one is set aside); a
     full disk is reported as such.
 
-    Returns the trainer: ``trainer.model`` is the trained policy, ``trainer.state.log_history`` the curves.
+    Returns the trainer: ``trainer.model`` is the trained policy, ``trainer.state.log_history`` the curves (the
+    per-step log, and the curve points if ``curve`` was given).
     """
     trainer = build_trainer(*args, **kwargs)
     loss_fn, output_dir = trainer.loss_fn, Path(trainer.args.output_dir)
