@@ -11,6 +11,8 @@ from studylib.lm.config import TrainConfig
 from studylib.lm.online import train_online
 from studylib.lm.reward import (
     attach_reward_margins,
+    held_out_accuracy,
+    held_out_by_prompt,
     load_reward_model,
     reward_accuracy,
     score,
@@ -166,3 +168,41 @@ def test_reward_model_scores_what_it_was_fit_on(tmp_path):
     cut = [c for c in scored if c[-1] != eos]
     assert len(scored) == 16 and finished and cut
     assert all(eos not in c[:-1] for c in finished) and all(len(c) == 6 and eos not in c for c in cut)
+
+
+def test_the_held_out_split_is_by_prompt_and_its_accuracy_has_an_interval(trained, tokenizer):
+    _, _, reward_model, _, held_out = trained
+    rows = [{**r, "prompt_ids": r["prompt_ids"][:16]} for r in held_out]  # pairs share prompts: by topic
+    train, held = held_out_by_prompt(rows, 0.25, seed=0)
+    assert len(train) + len(held) == len(rows) and held
+    assert not {tuple(r["prompt_ids"]) for r in train} & {tuple(r["prompt_ids"]) for r in held}
+    flipped = [{**r, "chosen_ids": r["rejected_ids"], "rejected_ids": r["chosen_ids"]} for r in rows[:4]]
+    out = held_out_accuracy(reward_model, rows[4:] + flipped)  # the model ranks every pair right: 4 are now wrong
+    assert out["reward_accuracy_held_out"] == pytest.approx(1 - 4 / len(rows))
+    assert out["reward_accuracy_held_out_low"] < out["reward_accuracy_held_out_prompt_mean"]
+    assert out["reward_accuracy_held_out_high"] <= 1.0
+    assert out["reward_held_out_pairs"] == len(rows)
+
+
+class LongerWins:
+    """A pool stand-in: the longer completion wins, equal lengths split evenly."""
+
+    def prefer(self, prompt: str, a: str, b: str) -> float:
+        return 0.5 if len(a) == len(b) else float(len(a) > len(b))
+
+
+def test_every_pair_takes_each_prompts_pairs_with_the_pools_majority_winner():
+    from datasets import Dataset
+
+    from studylib.lm.preferences import every_pair
+
+    prompt = [{"role": "user", "content": "Say something."}]
+    other = [{"role": "user", "content": "Say more."}]
+    texts = ["a", "bb", "ccc", "dd"]
+    rows = [{"prompt": prompt, "completion": t, "completion_ids": [ord(c) for c in t], "label": True} for t in texts]
+    rows.append({"prompt": other, "completion": "e", "completion_ids": [101], "label": False})
+    pairs = every_pair(Dataset.from_list(rows), LongerWins())
+    # 6 pairs of the first prompt less the even split (bb, dd); the lone completion of the second pairs with none
+    assert len(pairs) == 5
+    assert all(len(p["chosen"]) > len(p["rejected"]) for p in pairs)
+    assert {(p["chosen"], p["rejected"]) for p in pairs} >= {("ccc", "a"), ("dd", "a"), ("ccc", "bb")}

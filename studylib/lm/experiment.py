@@ -41,6 +41,7 @@ from studylib.lm.preferences import (
     check_batches_fit,
     load_preferences,
     tokenized_pairs,
+    tokenized_reward_pairs,
     unique_prompt_ids,
 )
 from studylib.lm.reference import separate_reference
@@ -115,12 +116,13 @@ def train_policy(
     family = family_of(loss_fn)
     on_data_pairs = plan.rows != "prompts" and family.uses_pairs  # trains on the data set's pairs
     pair_rows = None
-    if on_data_pairs or plan.reward_model:
+    if on_data_pairs:
         pair_rows, counts = tokenized_pairs(config, data, tokenizer, loss_fn)
         info.update({f"pairs/{k}": v for k, v in counts.items()})
     reward_model = None
     if plan.reward_model:
-        reward_model, reward_info = reward_model_for(config, model, tokenizer, pair_rows, runtime)
+        reward_rows, _ = tokenized_reward_pairs(config, data, tokenizer)
+        reward_model, reward_info = reward_model_for(config, model, tokenizer, reward_rows, runtime)
         info.update(reward_info)
         if on_data_pairs:  # soft labels from the reward model on the data set's pairs
             pair_rows = attach_reward_margins(reward_model, pair_rows)

@@ -3,6 +3,7 @@ local data set, split into training rows and held-out evaluation prompts, and th
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ class PreferenceData:
     # validation prompts (a hub set has none: its evaluation prompts), and the distinct training prompts in order
     validation_prompts: list = field(default_factory=list)
     train_prompts: list = field(default_factory=list)
+    # what a reward model is fit on: the offline set's every pair of each prompt's completions (``every_pair``), a
+    # hub set's own pairs (None: ``paired``)
+    reward_pairs: Any = None
 
 
 def load_preferences(
@@ -68,6 +72,7 @@ def load_preferences(
             offline.unpaired_train, offline.paired_train, eval_prompts, offline.preferred_fraction, description,
             validation_prompts=offline.validation_prompts or eval_prompts,
             train_prompts=distinct_prompts(offline.unpaired_train["prompt"]),
+            reward_pairs=every_pair(offline.unpaired_train, pool),
         )  # fmt: skip
     train_set, test, split = _hub_splits(config)
     if data.dataset in PAIRED_DATASETS:
@@ -96,6 +101,43 @@ def load_preferences(
         unpaired, paired, eval_messages, fraction, description,
         validation_prompts=eval_messages, train_prompts=distinct_prompts(train_set["prompt"]),
     )  # fmt: skip
+
+
+def every_pair(unpaired, pool: AnnotatorPool):
+    """Every pair of each prompt's distinct completions in an unpaired set (``k`` completions: ``k (k - 1) / 2``
+    pairs), the winner the one the pool's majority prefers (``P(a > b) > 1/2``; an even split is dropped): the
+    reward model's training and held-out pairs on the offline set (more pairs than the one-per-two that DPO trains
+    on, and labels without the draw's noise)."""
+    from datasets import Dataset
+
+    from studylib.lm.evaluate import prompt_text
+
+    groups: dict[str, list[dict]] = {}
+    for row in unpaired:
+        groups.setdefault(prompt_key(row["prompt"]), []).append(row)
+    pairs = []
+    for rows in groups.values():
+        text = prompt_text(rows[0]["prompt"])
+        for a, b in itertools.combinations(rows, 2):
+            if a["completion_ids"] == b["completion_ids"]:
+                continue
+            p = pool.prefer(text, a["completion"], b["completion"])
+            if p == 0.5:
+                continue
+            win, lose = (a, b) if p > 0.5 else (b, a)
+            pairs.append(
+                {"prompt": a["prompt"], "chosen": win["completion"], "rejected": lose["completion"],
+                 "chosen_ids": win["completion_ids"], "rejected_ids": lose["completion_ids"]}
+            )  # fmt: skip
+    return Dataset.from_list(pairs)
+
+
+def tokenized_reward_pairs(config: RunConfig, data: PreferenceData, tokenizer) -> tuple[list[dict], dict]:
+    """The pairs a reward model is fit on (``PreferenceData.reward_pairs``, else the data set's pairs), tokenised."""
+    pairs = data.reward_pairs if data.reward_pairs is not None else data.paired
+    if pairs is None or len(pairs) == 0:
+        raise ValueError(f"a reward model needs pairs; {config.data.dataset!r} has none (use offline or ufb)")
+    return tokenize_paired(pairs, tokenizer, config.data.max_length, config.data.max_prompt_length)
 
 
 def distinct_prompts(prompts) -> list:

@@ -234,19 +234,50 @@ def load_reward_model(
     return reward_model.eval().requires_grad_(False)
 
 
-def reward_model_for(config: RunConfig, model, tokenizer, pair_rows: list[dict], runtime: Runtime):
-    """A Bradley-Terry reward model fit on the pairs (90% train, 10% held out) on the run's device, cached on disk.
+def held_out_by_prompt(pair_rows: Sequence[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """``(train, held_out)``: a shuffled ``fraction`` (at least one) of the pairs' distinct prompts, drawn with
+    ``seed``, held out with all their pairs (pairs of one prompt share completions, so a split by pair would score
+    completions the model was fit on)."""
+    prompts = list(dict.fromkeys(tuple(r["prompt_ids"]) for r in pair_rows))
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: max(1, round(fraction * len(prompts)))])
+    return [r for r in pair_rows if tuple(r["prompt_ids"]) not in held], [
+        r for r in pair_rows if tuple(r["prompt_ids"]) in held
+    ]
 
-    It belongs to the data, not to the run: it is keyed by the model, the pairs and every knob of its fit (and a
-    device other than the CPU), and fit with ``data_seed``, so every method and seed of a study shares one reward
-    model. Several processes: the main process fits it first, the others load it.
+
+def held_out_accuracy(reward_model: RewardModel, held_out: Sequence[dict], seed: int = 0) -> dict[str, float]:
+    """``reward_accuracy_held_out`` with its 95% bootstrap interval over the held-out prompts (each prompt's
+    accuracy over its pairs), and the counts it rests on."""
+    from studylib.lm.stats import bootstrap_interval
+
+    correct = (_pair_margins(reward_model, held_out, 16) > 0).double().numpy()
+    keys = [tuple(r["prompt_ids"]) for r in held_out]
+    per_prompt = {}
+    for key, value in zip(keys, correct, strict=True):
+        per_prompt.setdefault(key, []).append(value)
+    estimate, low, high = bootstrap_interval([sum(v) / len(v) for v in per_prompt.values()], seed=seed)
+    return {
+        "reward_accuracy_held_out": float(correct.mean()),
+        "reward_accuracy_held_out_prompt_mean": estimate,
+        "reward_accuracy_held_out_low": low,
+        "reward_accuracy_held_out_high": high,
+        "reward_held_out_pairs": len(held_out),
+        "reward_held_out_prompts": len(per_prompt),
+    }
+
+
+def reward_model_for(config: RunConfig, model, tokenizer, pair_rows: list[dict], runtime: Runtime):
+    """A Bradley-Terry reward model fit on the pairs of 80% of their prompts (the other 20% held out, with all their
+    pairs) on the run's device, cached on disk. It belongs to the data, not to the run: it is keyed by the model,
+    the pairs and every knob of its fit (and a device other than the CPU), and fit with ``data_seed``, so every
+    method and seed of a study shares one reward model. Several processes: the main process fits it first, the
+    others load it. Reported: its held-out accuracy with an interval over the held-out prompts.
     """
     train_cfg, data_seed = config.train, config.data.data_seed
-    order = list(range(len(pair_rows)))
-    random.Random(data_seed).shuffle(order)
-    n_eval = max(1, len(order) // 10)
-    held_out = [pair_rows[i] for i in order[:n_eval]]
-    train_pairs = [pair_rows[i] for i in order[n_eval:]]
+    train_pairs, held_out = held_out_by_prompt(pair_rows, 0.2, data_seed)
+    if not train_pairs:
+        raise ValueError(f"a reward model needs pairs of at least two prompts; got {len(pair_rows)} pairs of one")
     fit = {
         "epochs": max(1, round(train_cfg.reward_epochs)),
         "lr": 1e-4 if train_cfg.use_lora else 2e-5,
@@ -257,7 +288,7 @@ def reward_model_for(config: RunConfig, model, tokenizer, pair_rows: list[dict],
         "seed": data_seed,
     }
     device = runtime.device
-    inputs = [config.model, fit, str(pair_rows)] + ([device.type] if device.type != "cpu" else [])
+    inputs = [config.model, fit, str(train_pairs)] + ([device.type] if device.type != "cpu" else [])
     key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
     cache = cache_root() / "reward_models" / f"{config.model.replace('/', '--')}-{key}"
     with runtime.main_process_first():
@@ -265,5 +296,4 @@ def reward_model_for(config: RunConfig, model, tokenizer, pair_rows: list[dict],
             reward_model = load_reward_model(model, tokenizer, cache, device=device)
         else:
             reward_model, _ = train_reward_model(model, tokenizer, train_pairs, output_dir=cache, device=device, **fit)
-    info = {"reward_accuracy_held_out": reward_accuracy(reward_model, held_out), "reward_pairs": len(train_pairs)}
-    return reward_model, info
+    return reward_model, {**held_out_accuracy(reward_model, held_out, data_seed), "reward_pairs": len(train_pairs)}
