@@ -193,9 +193,10 @@ def method_table(runs: pd.DataFrame, baseline: str = "rdro") -> pd.DataFrame:
     baseline_wins = {dataset: _seed_mean(part, "win") for (dataset, loss), part in groups if loss == baseline}
     for (dataset, loss), part in groups:
         win, kl, approval, gain = (_seed_mean(part, c) for c in ("win", "logratio", "approved", "approval_gain"))
-        row = {"dataset": dataset, "method": loss}
+        row = {"dataset": dataset, "method": loss, "epochs": part["epochs"].mean() if "epochs" in part else None}
         for name, values in (("win_rate", win), ("kl", kl), ("approval", approval), ("approval_gain", gain)):
             row |= _with_interval(name, values)
+        row |= _target_columns(part) | _train_columns(part)
         if dataset in baseline_wins and loss != baseline:
             diff, low, high = paired_difference_interval(win, baseline_wins[dataset])
             row |= {f"win_rate_minus_{baseline}": diff, "difference_low": low, "difference_high": high}
@@ -208,6 +209,29 @@ def method_table(runs: pd.DataFrame, baseline: str = "rdro") -> pd.DataFrame:
         }
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _target_columns(part: pd.DataFrame) -> dict[str, float]:
+    """``kl_to_target``, the reference's, and the gain (reference minus policy), each prompt's value averaged over
+    the method's seeds, with intervals; empty for runs evaluated without ``target_samples_per_prompt``."""
+    if "target_prompts" not in part or part["target_prompts"].isna().any():
+        return {}
+    kl, reference = (per_prompt_values(part, c).dropna() for c in ("kl_to_target", "reference_kl_to_target"))
+    kept = kl.index.intersection(reference.index)
+    kl, reference = kl.loc[kept].mean(axis=1).to_numpy(), reference.loc[kept].mean(axis=1).to_numpy()
+    out = _with_interval("kl_to_target", kl) | _with_interval("reference_kl_to_target", reference)
+    return out | _with_interval("kl_to_target_gain", reference - kl) | {"target_prompts": len(kept)}
+
+
+def _train_columns(part: pd.DataFrame) -> dict[str, float]:
+    """Approval on training prompts (and its gain over the reference's), each prompt's value averaged over the
+    method's seeds, with intervals; empty for runs evaluated without ``train_eval_prompts``."""
+    if "train_per_prompt" not in part or part["train_per_prompt"].isna().any():
+        return {}
+    tables = [pd.DataFrame(values) for values in part["train_per_prompt"]]
+    approval = np.mean([t["approval"].to_numpy() for t in tables], axis=0)
+    reference = np.mean([t["reference_approval"].to_numpy() for t in tables], axis=0)
+    return _with_interval("train_approval", approval) | _with_interval("train_approval_gain", approval - reference)
 
 
 def beats_reference(table: pd.DataFrame) -> str:
@@ -426,37 +450,19 @@ def published_beside_ours(table: pd.DataFrame) -> pd.DataFrame:
     return merged
 
 
-PILOT_KL_BOUND = 5.0
-"""Nats: the pilot's rule only considers learning rates whose mean validation KL stays under this."""
-
-
-def pilot_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """The learning-rate pilot (``studies/pilot.yaml``): per learning rate and method, the validation win rate and
-    approval with 95% intervals over the validation prompts, and the KL."""
-    rows = []
-    for (rate, loss), part in runs.groupby(["learning_rate", "loss"]):
-        win = _seed_mean(part, "win")
-        rows.append(
-            {"learning_rate": rate, "method": loss}
-            | _with_interval("win_rate", win)
-            | {"approval": part["approval"].mean(), "reference_approval": part["reference_approval"].mean(),
-               "kl": part["kl"].mean(), "steps": int(part["steps"].max()), "prompts": len(win),
-               "eval_split": part["data"].map(lambda d: d.get("eval_split")).iloc[0]}
-        )  # fmt: skip
-    return pd.DataFrame(rows).sort_values(["learning_rate", "method"]).reset_index(drop=True)
-
-
-def chosen_learning_rate(table: pd.DataFrame, kl_bound: float = PILOT_KL_BOUND) -> tuple[float, str]:
-    """The pilot's rule: the learning rate with the highest validation approval averaged over the pilot's methods
-    (the quantity the target raises: a perfect fit of ``p+`` is approved every time), among rates whose mean
-    validation KL is under ``kl_bound``; returns it and the sentence that says why, with every rate's numbers."""
-    by_rate = table.groupby("learning_rate")[["win_rate", "approval", "kl"]].mean()
-    allowed = by_rate[by_rate["kl"] < kl_bound]
-    if allowed.empty:
-        raise ValueError(f"no learning rate of the pilot keeps the mean KL under {kl_bound} nats")
-    rate = float(allowed["approval"].idxmax())
-    shown = "; ".join(
-        f"{r:g}: approval {row.approval:.3f}, win rate {row.win_rate:.3f}, KL {row.kl:.2f}"
-        for r, row in by_rate.iterrows()
+def reward_model_note(runs: pd.DataFrame) -> str:
+    """The reward model behind distillation and reverse KL: its held-out accuracy with the interval over held-out
+    prompts (one reward model per data set, shared by every run that uses it), or a line saying no run used one."""
+    fitted = [info for info in runs["training"] if isinstance(info, dict) and "reward_accuracy_held_out" in info]
+    if not fitted:
+        return "No run of this report fitted a reward model."
+    info = fitted[0]
+    if "reward_accuracy_held_out_low" not in info:
+        return f"Reward model, held-out pair accuracy: {info['reward_accuracy_held_out']:.2f} (no interval recorded)."
+    return (
+        f"Reward model (Bradley-Terry, every pair of each training prompt's completions, the pool's majority winner): "
+        f"held-out accuracy {info['reward_accuracy_held_out']:.3f}, 95% interval over its "
+        f"{info['reward_held_out_prompts']} held-out prompts [{info['reward_accuracy_held_out_low']:.3f}, "
+        f"{info['reward_accuracy_held_out_high']:.3f}] ({info['reward_held_out_pairs']} pairs; fit on "
+        f"{info['reward_pairs']}); chance is 0.5."
     )
-    return rate, f"Mean over the pilot's methods, per learning rate: {shown}. Chosen: {rate:g}."

@@ -419,6 +419,15 @@ def _write_summary(path: Path, profile: str, runs: dict[str, dict], names: list[
     write_atomic(path, json.dumps({"profile": profile, "seconds_of_recorded_runs": total, "runs": ordered}, indent=2))
 
 
+def time_left(seconds: Mapping[str, float | None], names: list[str]) -> str:
+    """An estimate of the time the runs ``names`` will take, from their last recorded ``seconds`` (the committed
+    ``study-<profile>.json``: another machine's times scale with its speed), and how many were never timed."""
+    known = [seconds[n] for n in names if seconds.get(n)]
+    untimed = len(names) - len(known)
+    estimate = f"about {sum(known) / 60:.0f} min left by the last recorded times" if known else "no recorded times"
+    return estimate + (f" (+{untimed} run(s) never timed)" if untimed and known else "")
+
+
 def run_study(
     profile: str,
     *,
@@ -448,8 +457,9 @@ def run_study(
     commit = git_commit()
     progress = tqdm(runs, desc=f"study {profile}", unit="notebook")
     here = machine()
-    for run in progress:
-        progress.set_postfix_str(run.name)
+    timed_before = {name: entry.get("seconds") for name, entry in previous.items()}  # the last recorded durations
+    for i, run in enumerate(progress):
+        progress.set_postfix_str(f"{run.name}; {time_left(timed_before, [r.name for r in runs[i:]])}")
         stamp = out_dir / f"{run.name}.done"
         if not force and is_complete(run, stamp, out_dir):
             entry = previous.setdefault(run.name, {"notebook": run.notebook})

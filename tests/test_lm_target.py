@@ -100,6 +100,13 @@ def test_a_run_records_curve_points_and_its_distance_to_the_target(tiny_run, los
         gain = record["reference_kl_to_target"] - record["kl_to_target"]
         assert record["kl_to_target_gain"] == pytest.approx(gain)
     assert record["approval_gain"] == pytest.approx(record["approval"] - record["reference_approval"])
+    train = pd.DataFrame(record["train_per_prompt"])  # per training prompt: what the report averages over seeds
+    assert len(train) == 3 and train["approval"].mean() == pytest.approx(record["train_approval"])
+    samples = pd.read_csv(config.run_dir() / "samples.csv", comment="#")
+    per_prompt = samples.groupby("prompt_index")["kl_to_target"].first().dropna()
+    assert len(per_prompt) == record["target_prompts"]
+    if len(per_prompt):
+        assert per_prompt.mean() == pytest.approx(record["kl_to_target"])
 
 
 def test_measuring_during_training_leaves_the_training_unchanged(tiny_run):

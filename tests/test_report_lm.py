@@ -91,3 +91,31 @@ def test_collect_runs_reads_only_the_named_folders_and_says_what_it_left(tmp_pat
     assert report.runs_note(every, tmp_path, None) == "2 runs, seeds 0, methods rdro"
     with pytest.raises(FileNotFoundError, match="1 run folders named"):
         report.collect_runs(tmp_path, only=["offline-dpo-seed=0-new"])
+
+
+def test_the_table_averages_kl_to_target_and_training_approval_over_seeds_prompt_by_prompt(tmp_path):
+    n = 6
+    for seed in (0, 1):
+        _run(tmp_path, f"rdro-{seed}", "rdro", seed, np.full(n, 0.6), np.zeros(n))
+        folder = tmp_path / f"rdro-{seed}"
+        samples = pd.read_csv(folder / "samples.csv")
+        kl = np.where(samples["prompt_index"] == seed, np.nan, 1.0 + seed)  # a prompt without target in each seed
+        samples.assign(kl_to_target=kl, reference_kl_to_target=2.0).to_csv(folder / "samples.csv", index=False)
+        record = json.loads((folder / "metrics.json").read_text())
+        train = {"approval": [0.5 + 0.1 * seed] * 4, "reference_approval": [0.5] * 4}
+        record |= {"epochs": 2.0, "target_prompts": n - 1, "train_per_prompt": train}
+        (folder / "metrics.json").write_text(json.dumps(record))
+    row = report.method_table(report.collect_runs(tmp_path)).iloc[0]
+    assert row["epochs"] == 2.0 and row["target_prompts"] == n - 2  # prompts with a target in both seeds
+    assert row["kl_to_target"] == pytest.approx(1.5) and row["reference_kl_to_target"] == pytest.approx(2.0)
+    assert row["kl_to_target_gain"] == pytest.approx(0.5) and row["kl_to_target_gain_low"] == pytest.approx(0.5)
+    assert row["train_approval"] == pytest.approx(0.55) and row["train_approval_gain"] == pytest.approx(0.05)
+
+
+def test_the_reward_model_note_gives_the_held_out_interval_or_says_none_was_fit():
+    info = {"reward_accuracy_held_out": 0.625, "reward_accuracy_held_out_low": 0.55,
+            "reward_accuracy_held_out_high": 0.7, "reward_held_out_prompts": 32, "reward_held_out_pairs": 180,
+            "reward_pairs": 720}  # fmt: skip
+    note = report.reward_model_note(pd.DataFrame({"training": [{"trainer": "offline"}, info]}))
+    assert "held-out accuracy 0.625" in note and "[0.550, 0.700]" in note and "32 held-out prompts" in note
+    assert report.reward_model_note(pd.DataFrame({"training": [{}]})) == "No run of this report fitted a reward model."

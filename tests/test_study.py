@@ -388,3 +388,13 @@ def test_the_report_names_a_truncated_metrics_file(tmp_path):
     (tmp_path / "run-a" / "metrics.json").write_text('{"win_rate": 0.')
     with pytest.raises(ValueError, match=r"run-a/metrics.json is not readable JSON \(truncated\? rerun its run\)"):
         collect_runs(tmp_path)
+
+
+def test_the_time_left_adds_the_last_recorded_times_and_counts_the_untimed():
+    from studylib.study import time_left
+
+    recorded = {"a": 120.0, "b": 600.0, "c": None}
+    assert time_left(recorded, ["a", "b"]) == "about 12 min left by the last recorded times"
+    expected = "about 10 min left by the last recorded times (+2 run(s) never timed)"
+    assert time_left(recorded, ["b", "c", "d"]) == expected
+    assert time_left(recorded, ["c"]) == "no recorded times"

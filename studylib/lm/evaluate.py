@@ -284,8 +284,15 @@ def evaluate_policy(
             batch_size=config.train.generation_batch_size,
             device=runtime.device,
         )
-        summary |= distance_to_target(config, policy, tokenizer, data, pool, reference, runtime)
-    return summary, samples
+        extra, target, train = distance_to_target(config, policy, tokenizer, data, pool, reference, runtime)
+    if target is not None:  # each prompt's KL to the target beside its samples (the report averages over seeds)
+        samples = samples.merge(target[["prompt_index", *TARGET_COLUMNS]], on="prompt_index", how="left")
+    if train is not None:
+        extra["train_per_prompt"] = train.drop(columns="prompt_index").to_dict(orient="list")
+    return summary | extra, samples
+
+
+TARGET_COLUMNS = ("kl_to_target", "reference_kl_to_target")
 
 
 def distance_to_target(
@@ -296,13 +303,14 @@ def distance_to_target(
     pool: AnnotatorPool,
     reference: nn.Module | None,
     runtime: Runtime,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], pd.DataFrame | None, pd.DataFrame | None]:
     """``kl_to_target`` (with the reference's and the gain) on the evaluation prompts, and ``train_approval`` and
-    ``train_kl_to_target`` (with the reference's) on the first ``train_eval_prompts`` training prompts."""
-    from studylib.lm.target import TargetProbe
+    ``train_kl_to_target`` (with the reference's) on the first ``train_eval_prompts`` training prompts: the summary,
+    and the per-prompt tables of each (None where switched off)."""
+    from studylib.lm.target import TargetProbe, summarise_approval, summarise_target_kl
 
-    k = config.eval.target_samples_per_prompt
-    reference_seed, policy_seed = derived_seed(config.train.seed, 5), derived_seed(config.train.seed, 6)
+    k, seed = config.eval.target_samples_per_prompt, config.train.seed
+    reference_seed, policy_seed = derived_seed(seed, 5), derived_seed(seed, 6)
     knobs = {
         "reference": reference,
         "max_new_tokens": config.eval.eval_max_new_tokens,
@@ -311,13 +319,17 @@ def distance_to_target(
         "device": runtime.device,
     }
     out: dict[str, float] = {}
+    target = train = None
     if k > 0:
         probe = TargetProbe(policy, tokenizer, data.eval_prompts, pool, samples_per_prompt=k, **knobs)
-        out |= probe.kl(policy, seed=config.train.seed) | {"target_samples_per_prompt": k}
+        target = probe.per_prompt(policy)
+        out |= summarise_target_kl(target, seed) | {"target_samples_per_prompt": k}
     n = config.eval.train_eval_prompts
     if n > 0 and data.train_prompts:
         m = config.eval.eval_samples_per_prompt
-        train = TargetProbe(policy, tokenizer, data.train_prompts[:n], pool, samples_per_prompt=max(k, m), **knobs)
-        out |= train.approval(policy, m, policy_seed, prefix="train_")
-        out |= train.kl(policy, seed=config.train.seed, prefix="train_") | {"train_eval_prompts": len(train.texts)}
-    return out
+        probe = TargetProbe(policy, tokenizer, data.train_prompts[:n], pool, samples_per_prompt=max(k, m), **knobs)
+        approval, kl = probe.per_prompt_approval(policy, m, policy_seed), probe.per_prompt(policy)
+        train = approval.merge(kl[["prompt_index", *TARGET_COLUMNS]], on="prompt_index")
+        out |= summarise_approval(approval, seed, "train_") | summarise_target_kl(kl, seed, "train_")
+        out["train_eval_prompts"] = len(train)
+    return out, target, train

@@ -149,22 +149,41 @@ class TargetProbe:
         """``summarise_target_kl`` of ``per_prompt(policy)``."""
         return summarise_target_kl(self.per_prompt(policy), seed, prefix)
 
-    def approval(
-        self, policy: torch.nn.Module, samples_per_prompt: int, seed: int, prefix: str = ""
-    ) -> dict[str, float]:
-        """The policy's approval on ``samples_per_prompt`` fresh samples per prompt, the reference's on the probe's
-        samples, and the gain (policy minus reference, paired by prompt), each with its interval over prompts."""
+    def per_prompt_approval(self, policy: torch.nn.Module, samples_per_prompt: int, seed: int) -> pd.DataFrame:
+        """Per prompt: the policy's approval on ``samples_per_prompt`` fresh samples (drawn with ``seed``) and the
+        reference's on the probe's samples."""
         m = samples_per_prompt
         expanded = [p for p in self.prompt_ids for _ in range(m)]
         ids = sample_completions(policy, self.tokenizer, expanded, seed=seed, **self.knobs)
-        approved = np.array(
-            [float(self.judge.approve(self.texts[i // m], self.tokenizer.decode(c, skip_special_tokens=True)))
-             for i, c in enumerate(ids)]
-        ).reshape(-1, m).mean(axis=1)  # fmt: skip
-        reference = self.approvals.reshape(-1, self.k).mean(axis=1)
-        out: dict[str, float] = {}
-        for name, values in (("approval", approved), ("reference_approval", reference),
-                             ("approval_gain", approved - reference)):  # fmt: skip
-            estimate, low, high = bootstrap_interval(values, seed=seed)
-            out |= {f"{prefix}{name}": estimate, f"{prefix}{name}_low": low, f"{prefix}{name}_high": high}
-        return out
+        approved = [
+            float(self.judge.approve(self.texts[i // m], self.tokenizer.decode(c, skip_special_tokens=True)))
+            for i, c in enumerate(ids)
+        ]
+        return pd.DataFrame(
+            {
+                "prompt_index": np.arange(len(self.prompt_ids)),
+                "approval": np.reshape(approved, (-1, m)).mean(axis=1),
+                "reference_approval": self.approvals.reshape(-1, self.k).mean(axis=1),
+            }
+        )
+
+    def approval(
+        self, policy: torch.nn.Module, samples_per_prompt: int, seed: int, prefix: str = ""
+    ) -> dict[str, float]:
+        """``summarise_approval`` of ``per_prompt_approval``."""
+        return summarise_approval(self.per_prompt_approval(policy, samples_per_prompt, seed), seed, prefix)
+
+
+def summarise_approval(per_prompt: pd.DataFrame, seed: int = 0, prefix: str = "") -> dict[str, float]:
+    """The policy's approval, the reference's, and the gain (policy minus reference, paired by prompt), each with
+    its 95% bootstrap interval over the prompts."""
+    columns = {
+        "approval": per_prompt["approval"],
+        "reference_approval": per_prompt["reference_approval"],
+        "approval_gain": per_prompt["approval"] - per_prompt["reference_approval"],
+    }
+    out: dict[str, float] = {}
+    for name, values in columns.items():
+        estimate, low, high = bootstrap_interval(values.to_numpy(), seed=seed)
+        out |= {f"{prefix}{name}": estimate, f"{prefix}{name}_low": low, f"{prefix}{name}_high": high}
+    return out

@@ -1,0 +1,84 @@
+"""The pilot that chooses the study's training length and learning rate (``studies/pilot.yaml``), read from its runs.
+
+Each pilot run trains at a constant rate and is measured every epoch on fixed validation and training prompts
+(``studylib.lm.curves``); ``pilot_table`` turns those points into one row per (learning rate, method, epochs),
+``chosen_training`` applies the rule the profile states, and ``pilot_verdict`` says whether any setting moved a
+method beyond its interval, and on which prompts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+PREFIX = "curve/"
+TIE_NATS = 0.01
+"""Settings whose mean validation KL to the target lies within this of the lowest count as tied (fewer epochs win)."""
+
+
+def pilot_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (learning rate, method, epochs) from each run's curve points (``curves.csv``): validation
+    approval and its gain over the reference's samples, ``KL(p+ || pi)`` and its gain over the reference's (positive:
+    closer), each with its 95% interval over the prompts, and the same on training prompts."""
+    rows = []
+    for _, run in runs.iterrows():
+        curves = pd.read_csv(Path(run["run_dir"]) / "curves.csv", comment="#")
+        points = curves.dropna(subset=[f"{PREFIX}approval"]) if f"{PREFIX}approval" in curves else curves.iloc[:0]
+        if points.empty:
+            raise ValueError(f"{run['run_dir']}/curves.csv has no curve points: the pilot runs need curve_every > 0")
+        training = run["training"]
+        for _, point in points.iterrows():
+            measured = {k.removeprefix(PREFIX): v for k, v in point.items() if k.startswith(PREFIX)}
+            epochs = point["step"] * training["rows_per_step"] / training["training_rows"]
+            rows.append(
+                {"learning_rate": run["learning_rate"], "method": run["loss"], "epochs": round(epochs, 3),
+                 "step": int(point["step"]), **measured, "seed": run["seed"]}
+            )  # fmt: skip
+    return pd.DataFrame(rows).sort_values(["learning_rate", "method", "epochs"]).reset_index(drop=True)
+
+
+def chosen_training(table: pd.DataFrame, tie: float = TIE_NATS) -> tuple[float, float, str]:
+    """The pilot's rule: the (learning rate, epochs) with the lowest validation ``KL(p+ || pi)`` averaged over the
+    pilot's methods; within ``tie`` nats of it, the fewest epochs. Returns the rate, the epochs and the sentence
+    that says why, with every setting's numbers."""
+    by_setting = table.groupby(["learning_rate", "epochs"])[["kl_to_target", "approval", "train_approval"]].mean()
+    best = by_setting["kl_to_target"].min()
+    tied = by_setting[by_setting["kl_to_target"] <= best + tie].reset_index()
+    chosen = tied.sort_values(["epochs", "kl_to_target"]).iloc[0]
+    shown = "; ".join(
+        f"lr {rate:g}, {epochs:g} epoch(s): KL to target {row.kl_to_target:.3f}, approval {row.approval:.3f} "
+        f"(training prompts {row.train_approval:.3f})"
+        for (rate, epochs), row in by_setting.iterrows()
+    )
+    reference = table["reference_kl_to_target"].mean()
+    why = (
+        f"Mean over the pilot's methods, per setting: {shown}. The reference's KL to the target on these prompts: "
+        f"{reference:.3f}. Chosen: lr {chosen.learning_rate:g}, {chosen.epochs:g} epoch(s)."
+    )
+    return float(chosen.learning_rate), float(chosen.epochs), why
+
+
+def _moved(table: pd.DataFrame, prefix: str = "") -> pd.DataFrame:
+    """The rows whose approval gain or KL-to-target gain on these prompts has an interval that excludes zero."""
+    approval, kl = f"{prefix}approval_gain", f"{prefix}kl_to_target_gain"
+    up = (table[f"{approval}_low"] > 0) | (table[f"{kl}_low"] > 0)
+    down = (table[f"{approval}_high"] < 0) | (table[f"{kl}_high"] < 0)
+    return table.assign(direction=up.map({True: "toward"}).fillna(down.map({True: "away from"})))[up | down]
+
+
+def pilot_verdict(table: pd.DataFrame) -> str:
+    """Whether any setting moved a method toward (or away from) its target beyond its interval, on the validation
+    prompts and on the training prompts: the reading the pilot's rule asks for when nothing moves."""
+    lines = []
+    for prefix, where in (("", "validation"), ("train_", "training")):
+        moved = _moved(table, prefix)
+        listed = ", ".join(
+            f"{r.method} (lr {r.learning_rate:g}, {r.epochs:g} epochs: {r.direction} the target)"
+            for r in moved.itertuples()
+        )
+        lines.append(
+            f"On the {where} prompts, settings whose approval gain or KL-to-target gain has a 95% interval that "
+            f"excludes zero: {listed or 'none'}."
+        )
+    return " ".join(lines)

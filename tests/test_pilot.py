@@ -1,0 +1,73 @@
+"""The pilot's table, rule and verdict (``studylib.pilot``) on hand-made run folders."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from studylib.pilot import chosen_training, pilot_table, pilot_verdict
+
+
+def point(step: int, kl: float, gain_low: float, approval: float = 0.5) -> dict:
+    values = {"approval": approval, "approval_gain": 0.0, "kl_to_target": kl, "reference_kl_to_target": 1.0,
+              "kl_to_target_gain": 1.0 - kl, "train_approval": approval + 0.1, "train_approval_gain": 0.0,
+              "train_kl_to_target": kl, "train_kl_to_target_gain": 1.0 - kl}  # fmt: skip
+    row = {"step": step, "loss": 0.7}
+    for name, value in values.items():
+        row[f"curve/{name}"] = value
+        if name.endswith("gain"):
+            low = gain_low if name == "kl_to_target_gain" else -0.1
+            row |= {f"curve/{name}_low": low, f"curve/{name}_high": 0.2}
+    return row
+
+
+def make_run(tmp_path, name: str, rate: float, method: str, points: list[dict]) -> dict:
+    folder = tmp_path / name
+    folder.mkdir()
+    rows = [{"step": s, "loss": 0.7} for s in range(1, 5)] + points  # training steps without points too
+    pd.DataFrame(rows).groupby("step").first().reset_index().to_csv(folder / "curves.csv", index=False)
+    training = {"rows_per_step": 16, "training_rows": 32}
+    return {"run_dir": str(folder), "learning_rate": rate, "loss": method, "training": training, "seed": 0}
+
+
+@pytest.fixture
+def runs(tmp_path) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            make_run(tmp_path, "a", 1e-3, "rdro", [point(2, 0.90, -0.1), point(4, 0.70, 0.05)]),
+            make_run(tmp_path, "b", 1e-3, "dpo", [point(2, 0.90, -0.1), point(4, 0.705, -0.1)]),
+            make_run(tmp_path, "c", 3e-4, "rdro", [point(2, 0.71, -0.1), point(4, 0.95, -0.1)]),
+            make_run(tmp_path, "d", 3e-4, "dpo", [point(2, 0.70, -0.1), point(4, 0.95, -0.1)]),
+        ]
+    )
+
+
+def test_the_table_has_one_row_per_rate_method_and_epochs(runs):
+    table = pilot_table(runs)
+    assert len(table) == 8 and sorted(table["epochs"].unique()) == [1.0, 2.0]
+    row = table[(table["method"] == "rdro") & (table["learning_rate"] == 1e-3) & (table["epochs"] == 2.0)].iloc[0]
+    assert row["kl_to_target"] == 0.70 and row["step"] == 4
+
+
+def test_the_rule_takes_the_lowest_kl_to_the_target_and_fewer_epochs_within_a_tie(runs):
+    rate, epochs, why = chosen_training(pilot_table(runs))
+    # means: (1e-3, 2 epochs) 0.7025 and (3e-4, 1 epoch) 0.705 lie within 0.01 nats: the fewer epochs win
+    assert (rate, epochs) == (3e-4, 1.0)
+    assert "Chosen: lr 0.0003, 1 epoch(s)" in why
+    assert chosen_training(pilot_table(runs), tie=0.0)[:2] == (1e-3, 2.0)
+
+
+def test_the_verdict_names_the_settings_that_moved(runs):
+    verdict = pilot_verdict(pilot_table(runs))
+    assert "validation prompts, settings whose" in verdict
+    assert "rdro (lr 0.001, 2 epochs: toward the target)" in verdict and verdict.count("toward") == 1
+    assert verdict.endswith(
+        "On the training prompts, settings whose approval gain or KL-to-target gain has a 95% interval "
+        "that excludes zero: none."
+    )
+
+
+def test_runs_without_curve_points_are_refused(tmp_path):
+    run = make_run(tmp_path, "e", 1e-3, "rdro", [])
+    with pytest.raises(ValueError, match="no curve points"):
+        pilot_table(pd.DataFrame([run]))
