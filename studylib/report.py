@@ -114,6 +114,22 @@ def run_conclusion(record: dict, curves: pd.DataFrame | None = None) -> str:
         f"({record['kl_low']:.2f}-{record['kl_high']:.2f}); mean length {record['length']:.1f} tokens (reference "
         f"{record['reference_length']:.1f}).",
     ]
+    if record.get("epochs") is not None:
+        lines[0] = lines[0].replace(" optimizer steps", f" optimizer steps ({record['epochs']:.2g} epochs of its rows)")
+    if record.get("kl_to_target") is not None:
+        gain, glow, ghigh = (record[f"kl_to_target_gain{k}"] for k in ("", "_low", "_high"))
+        toward = "closer to" if glow > 0 else "further from" if ghigh < 0 else "not measurably closer to"
+        lines.append(
+            f"- Distance to the target $p^+$: $\\mathrm{{KL}}(p^+ \\,\\|\\, \\pi)$ = {record['kl_to_target']:.3f} nats "
+            f"against the reference's {record['reference_kl_to_target']:.3f} (gain {gain:.3f}, 95% interval "
+            f"{glow:.3f} to {ghigh:.3f}, over {record['target_prompts']} prompts): the policy is {toward} its target."
+        )
+    if record.get("train_approval") is not None:
+        lines.append(
+            f"- On {record['train_eval_prompts']} training prompts: approval {record['train_approval']:.3f} against "
+            f"the reference's {record['train_reference_approval']:.3f} (gain {record['train_approval_gain_low']:.3f} "
+            f"to {record['train_approval_gain_high']:.3f})."
+        )
     flags = record.get("flags") or []
     lines.append("- Flags: " + ("; ".join(flags) if flags else "none (no collapse, KL within bound)."))
     return "\n".join(lines + run_caveats(record, curves))
@@ -132,10 +148,12 @@ def run_caveats(record: dict, curves: pd.DataFrame | None = None) -> list[str]:
         if last > first:
             rose = f"from {first:.3g} at the first logged step to {last:.3g} at the last"
             lines.append(f"- The training loss **rose**, {rose} (each the loss of that step's minibatch).")
-    accuracy = (record.get("training") or {}).get("reward_accuracy_held_out")
-    if accuracy is not None and accuracy <= CHANCE:
-        lines.append(f"- Its reward model is at chance: {accuracy:.2f} accuracy on held-out pairs, so the rewards it "
-                     "learns from carry no preference signal here.")  # fmt: skip
+    training = record.get("training") or {}
+    accuracy, low = training.get("reward_accuracy_held_out"), training.get("reward_accuracy_held_out_low")
+    if accuracy is not None and (accuracy <= CHANCE if low is None else low <= 0.5):
+        interval = "" if low is None else f" (95% interval down to {low:.2f}: chance is inside it)"
+        lines.append(f"- Its reward model is at chance: {accuracy:.2f} accuracy on held-out pairs{interval}, so the "
+                     "rewards it learns from carry no preference signal here.")  # fmt: skip
     if record.get("loss") == "ddro":
         lines.append("- DDRO's loss is **reconstructed** (`docs/STUDY.md`), and its guard is this repository's.")
     return lines

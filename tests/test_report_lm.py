@@ -119,3 +119,25 @@ def test_the_reward_model_note_gives_the_held_out_interval_or_says_none_was_fit(
     note = report.reward_model_note(pd.DataFrame({"training": [{"trainer": "offline"}, info]}))
     assert "held-out accuracy 0.625" in note and "[0.550, 0.700]" in note and "32 held-out prompts" in note
     assert report.reward_model_note(pd.DataFrame({"training": [{}]})) == "No run of this report fitted a reward model."
+
+
+def test_a_runs_conclusion_says_how_far_it_got_toward_its_target():
+    record = {
+        "loss": "rdro", "dataset": "offline", "seed": 0, "steps": 80, "train_seconds": 600.0, "epochs": 2.0,
+        "n_prompts": 64, "win_rate": 0.55, "win_rate_low": 0.51, "win_rate_high": 0.6, "samples_per_prompt": 2,
+        "approval": 0.6, "reference_approval": 0.5, "kl": 0.8, "kl_low": 0.6, "kl_high": 1.0, "length": 20.0,
+        "reference_length": 22.0, "kl_to_target": 0.5, "reference_kl_to_target": 0.7, "kl_to_target_gain": 0.2,
+        "kl_to_target_gain_low": 0.05, "kl_to_target_gain_high": 0.35, "target_prompts": 60, "train_eval_prompts": 32,
+        "train_approval": 0.8, "train_reference_approval": 0.5, "train_approval_gain_low": 0.2,
+        "train_approval_gain_high": 0.4,
+        "training": {"reward_accuracy_held_out": 0.58, "reward_accuracy_held_out_low": 0.49},
+    }  # fmt: skip
+    text = report.run_conclusion(record)
+    assert "80 optimizer steps (2 epochs of its rows)" in text and "beats the reference" in text
+    assert "0.500 nats against the reference's 0.700" in text and "the policy is closer to its target" in text
+    assert "On 32 training prompts: approval 0.800" in text
+    assert "reward model is at chance: 0.58" in text  # above 0.55, but its interval reaches below 0.5
+    record |= {"kl_to_target_gain_low": -0.1, "training": {"reward_accuracy_held_out": 0.7,
+                                                           "reward_accuracy_held_out_low": 0.6}}  # fmt: skip
+    text = report.run_conclusion(record)
+    assert "not measurably closer to its target" in text and "at chance" not in text
