@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
 
+from studylib.lm.batching import unwrap
 from studylib.lm.reference import autocast_context
 from studylib.lm.target import TargetProbe
 
@@ -102,4 +103,5 @@ class CurveCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero and self.probe.due(state.global_step):
-            state.log_history.append(self.probe.measure(model, state.global_step))
+            # the main process alone (the others wait for it at their next step); outside any distributed wrapper
+            state.log_history.append(self.probe.measure(unwrap(model), state.global_step))
