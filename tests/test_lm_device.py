@@ -43,10 +43,10 @@ CASES = {
     "dpo-offline-data": {"loss": "dpo", "dataset": "offline", "dataset_path": None, "n_prompts": 8,
                           "completions_per_prompt": 2, "data_max_new_tokens": 4, "eval_fraction": 0.25},
     "dpo-full-on-the-fly": {"loss": "dpo", "use_lora": False, "precompute_reference": False},
-    "kto-precomputed": {"loss": "kto", "precompute_reference": True},
+    "kto-precomputed": {"loss": "kto", "precompute_reference": True, "curve_every": 1},  # measured while training
     "distill-reward-model": {"loss": "distill", "loss_kwargs": {"beta": 0.0}},
     "reverse_kl-on-policy": {"loss": "reverse_kl", "samples_per_prompt": 2, "prompts_per_step": 2,
-                             "max_new_tokens": 4},
+                             "max_new_tokens": 4, "curve_every": 1},
     "pmle-kl-full": {"loss": "pmle", "loss_kwargs": {"gamma": 0.5, "beta": 0.1}, "use_lora": False,
                      "samples_per_prompt": 2, "prompts_per_step": 2, "max_new_tokens": 4},
 }  # fmt: skip
