@@ -1,0 +1,42 @@
+"""Seen and fresh log-ratios (``studylib.lm.memorisation``): the table by hand, and a tiny run end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from studylib.checks import UserError
+from studylib.lm.experiment import run_experiment
+from studylib.lm.memorisation import log_ratio_table, main, seen_and_fresh
+
+
+def test_the_table_averages_within_prompts_first():
+    prompt = np.array([0, 0, 0, 1, 1])
+    approved = np.array([True, True, False, True, False])
+    log_ratio = np.array([1.0, 3.0, -1.0, 4.0, -3.0])
+    rows = {r["approved"]: r for r in log_ratio_table(prompt, "seen", approved, log_ratio)}
+    assert rows[True]["log_ratio"] == pytest.approx((2.0 + 4.0) / 2)  # prompt 0's mean 2, prompt 1's 4
+    assert rows[True]["n"] == 3 and rows[True]["prompts"] == 2
+    assert rows[False]["log_ratio"] == pytest.approx(-2.0)
+    assert rows[True]["log_ratio_low"] <= rows[True]["log_ratio"] <= rows[True]["log_ratio_high"]
+
+
+def test_a_tiny_offline_run_reads_back(tiny_run, tmp_path, capsys):
+    offline = {"loss": "dpo", "dataset": "offline", "dataset_path": None, "n_prompts": 8, "completions_per_prompt": 2,
+               "data_max_new_tokens": 4, "eval_fraction": 0.25, "max_steps": 2,
+               "target_samples_per_prompt": 2}  # fmt: skip
+    config = tiny_run(**offline)
+    record = run_experiment(config)
+    table = seen_and_fresh(config.run_dir(), n_prompts=2)
+    seen = table[table["completions"].str.startswith("seen")]
+    fresh = table[table["completions"].str.startswith("fresh")]
+    assert seen["n"].sum() <= 2 * 2 and fresh["n"].sum() == 2 * 2  # 2 prompts: their rows, 2 fresh samples each
+    assert set(table["run"]) == {config.name()} and np.isfinite(table["log_ratio"]).all()
+    assert record["steps"] == 2
+    main([str(config.run_dir()), "--prompts", "2", "--out", str(tmp_path / "memorisation.csv")])
+    assert "seen (training rows)" in capsys.readouterr().out and (tmp_path / "memorisation.csv").is_file()
+
+
+def test_a_folder_that_is_not_a_finished_run_is_named(tmp_path):
+    with pytest.raises(UserError, match="not a finished run folder"):
+        seen_and_fresh(tmp_path)
