@@ -40,15 +40,20 @@ def pilot_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def chosen_training(table: pd.DataFrame, tie: float = TIE_NATS) -> tuple[float, float, str]:
     """The pilot's rule: the (learning rate, epochs) with the lowest validation ``KL(p+ || pi)`` averaged over the
-    pilot's methods; within ``tie`` nats of it, the fewest epochs. Returns the rate, the epochs and the sentence
-    that says why, with every setting's numbers."""
+    pilot's methods, among the settings every method ran; within ``tie`` nats of it, the fewest epochs. Returns the
+    rate, the epochs and the sentence that says why, with every setting's numbers."""
     by_setting = table.groupby(["learning_rate", "epochs"])[["kl_to_target", "approval", "train_approval"]].mean()
-    best = by_setting["kl_to_target"].min()
-    tied = by_setting[by_setting["kl_to_target"] <= best + tie].reset_index()
+    methods = table.groupby(["learning_rate", "epochs"])["method"].nunique()
+    complete = by_setting[methods == table["method"].nunique()]  # a mean over fewer methods is not comparable
+    if complete.empty:
+        raise ValueError("no pilot setting has a run of every method")
+    best = complete["kl_to_target"].min()
+    tied = complete[complete["kl_to_target"] <= best + tie].reset_index()
     chosen = tied.sort_values(["epochs", "kl_to_target"]).iloc[0]
     shown = "; ".join(
         f"lr {rate:g}, {epochs:g} epoch(s): KL to target {row.kl_to_target:.3f}, approval {row.approval:.3f} "
         f"(training prompts {row.train_approval:.3f})"
+        + ("" if (rate, epochs) in complete.index else " (not every method)")
         for (rate, epochs), row in by_setting.iterrows()
     )
     reference = table["reference_kl_to_target"].mean()

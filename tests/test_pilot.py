@@ -57,6 +57,13 @@ def test_the_rule_takes_the_lowest_kl_to_the_target_and_fewer_epochs_within_a_ti
     assert chosen_training(pilot_table(runs), tie=0.0)[:2] == (1e-3, 2.0)
 
 
+def test_a_setting_that_not_every_method_ran_is_not_chosen(runs, tmp_path):
+    extra = make_run(tmp_path, "x", 3e-3, "rdro", [point(2, 0.1, -0.1)])  # the best KL, but DPO has no 3e-3 run
+    rate, epochs, why = chosen_training(pilot_table(pd.concat([runs, pd.DataFrame([extra])], ignore_index=True)))
+    assert (rate, epochs) == (3e-4, 1.0) and "lr 0.003, 1 epoch(s): KL to target 0.100" in why
+    assert "(not every method)" in why
+
+
 def test_the_verdict_names_the_settings_that_moved(runs):
     verdict = pilot_verdict(pilot_table(runs))
     assert "validation prompts, settings whose" in verdict
