@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from studylib.checks import UserError
@@ -33,8 +34,10 @@ def test_a_tiny_offline_run_reads_back(tiny_run, tmp_path, capsys):
     assert seen["n"].sum() <= 2 * 2 and fresh["n"].sum() == 2 * 2  # 2 prompts: their rows, 2 fresh samples each
     assert set(table["run"]) == {config.name()} and np.isfinite(table["log_ratio"]).all()
     assert record["steps"] == 2
-    main([str(config.run_dir()), "--prompts", "2", "--out", str(tmp_path / "memorisation.csv")])
-    assert "seen (training rows)" in capsys.readouterr().out and (tmp_path / "memorisation.csv").is_file()
+    main([str(config.run_dir()), "--prompts", "2"])
+    assert "seen (training rows)" in capsys.readouterr().out
+    saved = pd.read_csv(config.run_dir() / "memorisation.csv", comment="#")
+    pd.testing.assert_series_equal(saved["log_ratio"], table["log_ratio"])
 
 
 def test_a_folder_that_is_not_a_finished_run_is_named(tmp_path):

@@ -11,9 +11,10 @@ same training prompts: the mean log-ratio ``log pi(y|x) - log pi_ref(y|x)`` of
 
 each with a 95% bootstrap interval over the prompts. ``KL(p+ || pi)`` falls exactly when the fresh approved
 log-ratio rises (``studylib.lm.target``), so a seen/fresh gap is the reason a training-prompt curve does not
-fall. Run it on a finished run's folder (LoRA runs on the offline set)::
+fall. Run it on finished run folders (LoRA runs on the offline set); each gets ``memorisation.csv`` (and ``.md``),
+which notebook 05's pilot section gathers::
 
-    python -m studylib.lm.memorisation results/pilot/<run> [<run> ...] --out results/pilot/memorisation.csv
+    python -m studylib.lm.memorisation results/pilot/<run> [<run> ...]
 """
 
 from __future__ import annotations
@@ -110,14 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="finished run folders (LoRA, offline set)")
     parser.add_argument("--prompts", type=int, default=32, help="training prompts to read (default 32)")
-    parser.add_argument("--out", help="write the table here (CSV, with its stamp)")
     args = parser.parse_args(argv)
-    table = pd.concat([seen_and_fresh(run, args.prompts) for run in args.runs], ignore_index=True)
-    print(table.round(3).to_string(index=False))
-    if args.out:
-        from studylib.results import save_table
+    from studylib.results import save_table
 
-        save_table(table, Path(args.out).with_suffix(""), {"runs": [Path(r).name for r in args.runs]})
+    for run in args.runs:
+        table = seen_and_fresh(run, args.prompts)
+        print(table.drop(columns="run").round(3).to_string(index=False))
+        save_table(table, Path(run) / "memorisation", {"run": Path(run).name, "prompts": args.prompts})
 
 
 if __name__ == "__main__":
