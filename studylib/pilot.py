@@ -64,26 +64,26 @@ def chosen_training(table: pd.DataFrame, tie: float = TIE_NATS) -> tuple[float, 
     return float(chosen.learning_rate), float(chosen.epochs), why
 
 
-def _moved(table: pd.DataFrame, prefix: str = "") -> pd.DataFrame:
-    """The rows whose approval gain or KL-to-target gain on these prompts has an interval that excludes zero."""
+def _moved(row, prefix: str = "") -> list[str]:
+    """What a row's intervals show on these prompts: approval up or down, closer to or further from ``p+``."""
+    said = []
     approval, kl = f"{prefix}approval_gain", f"{prefix}kl_to_target_gain"
-    up = (table[f"{approval}_low"] > 0) | (table[f"{kl}_low"] > 0)
-    down = (table[f"{approval}_high"] < 0) | (table[f"{kl}_high"] < 0)
-    return table.assign(direction=up.map({True: "toward"}).fillna(down.map({True: "away from"})))[up | down]
+    if row[f"{approval}_low"] > 0 or row[f"{approval}_high"] < 0:
+        said.append("approval " + ("up" if row[f"{approval}_low"] > 0 else "down"))
+    if row[f"{kl}_low"] > 0 or row[f"{kl}_high"] < 0:
+        said.append(("closer to" if row[f"{kl}_low"] > 0 else "further from") + " the target")
+    return said
 
 
 def pilot_verdict(table: pd.DataFrame) -> str:
-    """Whether any setting moved a method toward (or away from) its target beyond its interval, on the validation
-    prompts and on the training prompts: the reading the pilot's rule asks for when nothing moves."""
+    """Which settings moved a method beyond its interval (approval gain, or ``KL(p+ || pi)`` gain, excluding zero),
+    and which way, on the validation prompts and on the training prompts: the reading the pilot's rule asks for."""
     lines = []
     for prefix, where in (("", "validation"), ("train_", "training")):
-        moved = _moved(table, prefix)
-        listed = ", ".join(
-            f"{r.method} (lr {r.learning_rate:g}, {r.epochs:g} epochs: {r.direction} the target)"
-            for r in moved.itertuples()
-        )
-        lines.append(
-            f"On the {where} prompts, settings whose approval gain or KL-to-target gain has a 95% interval that "
-            f"excludes zero: {listed or 'none'}."
-        )
+        moved = [
+            f"{row.method} at lr {row.learning_rate:g}, {row.epochs:g} epoch(s): {', '.join(said)}"
+            for row in table.itertuples()
+            if (said := _moved(row._asdict(), prefix))
+        ]
+        lines.append(f"On the {where} prompts, moved beyond the 95% interval: {'; '.join(moved) or 'nothing'}.")
     return " ".join(lines)

@@ -64,14 +64,16 @@ def test_a_setting_that_not_every_method_ran_is_not_chosen(runs, tmp_path):
     assert "(not every method)" in why
 
 
-def test_the_verdict_names_the_settings_that_moved(runs):
+def test_the_verdict_names_the_settings_that_moved_and_which_way(runs):
     verdict = pilot_verdict(pilot_table(runs))
-    assert "validation prompts, settings whose" in verdict
-    assert "rdro (lr 0.001, 2 epochs: toward the target)" in verdict and verdict.count("toward") == 1
-    assert verdict.endswith(
-        "On the training prompts, settings whose approval gain or KL-to-target gain has a 95% interval "
-        "that excludes zero: none."
+    assert (
+        "On the validation prompts, moved beyond the 95% interval: rdro at lr 0.001, 2 epoch(s): closer to the"
+        in verdict
     )
+    assert verdict.endswith("On the training prompts, moved beyond the 95% interval: nothing.")
+    assert (
+        "approval" not in verdict.split("rdro at lr 0.001, 2 epoch(s):")[1].split(".")[0]
+    )  # its approval interval holds 0
 
 
 def test_runs_without_curve_points_are_refused(tmp_path):
