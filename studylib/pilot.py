@@ -87,3 +87,9 @@ def pilot_verdict(table: pd.DataFrame) -> str:
         ]
         lines.append(f"On the {where} prompts, moved beyond the 95% interval: {'; '.join(moved) or 'nothing'}.")
     return " ".join(lines)
+
+
+def pilot_memorisation(runs: pd.DataFrame) -> pd.DataFrame | None:
+    """The pilot runs' seen/fresh log-ratio tables (``memorisation.csv`` in each run folder), gathered; None if none."""
+    found = [Path(d) / "memorisation.csv" for d in runs["run_dir"] if (Path(d) / "memorisation.csv").is_file()]
+    return pd.concat([pd.read_csv(f) for f in found], ignore_index=True) if found else None

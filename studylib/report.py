@@ -236,6 +236,8 @@ def _target_columns(part: pd.DataFrame) -> dict[str, float]:
         return {}
     kl, reference = (per_prompt_values(part, c).dropna() for c in ("kl_to_target", "reference_kl_to_target"))
     kept = kl.index.intersection(reference.index)
+    if kept.empty:  # no prompt had an approved reference sample in every seed
+        return {"target_prompts": 0}
     kl, reference = kl.loc[kept].mean(axis=1).to_numpy(), reference.loc[kept].mean(axis=1).to_numpy()
     out = _with_interval("kl_to_target", kl) | _with_interval("reference_kl_to_target", reference)
     return out | _with_interval("kl_to_target_gain", reference - kl) | {"target_prompts": len(kept)}
