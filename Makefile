@@ -12,7 +12,7 @@ BIN        := $(VENV)/bin
 MIN_VENV   ?= .venv-min
 MIN_BIN    := $(MIN_VENV)/bin
 
-.PHONY: setup study smoke pilot test test-min lint bench clean-results notebooks
+.PHONY: setup study smoke pilot memorisation test test-min lint bench clean-results notebooks
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,12 @@ smoke: setup
 # 4 runs of 4 epochs, about 36 min each on 2 AVX2 cores in float32; a stopped pilot resumes where it stopped
 pilot: setup
 	$(BIN)/python -m studylib study --profile pilot
+
+# What the pilot's memorisation comes from (studies/memorisation.yaml): RDRO for 80 steps with the pilot's adapter
+# and data, a 16x smaller adapter, and twice the completions per prompt; then each run's seen/fresh log-ratio table
+memorisation: setup
+	$(BIN)/python -m studylib study --profile memorisation
+	$(BIN)/python -m studylib.lm.memorisation results/memorisation/*/
 
 test: setup
 	$(BIN)/ruff check .

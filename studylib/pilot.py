@@ -93,3 +93,74 @@ def pilot_memorisation(runs: pd.DataFrame) -> pd.DataFrame | None:
     """The pilot runs' seen/fresh log-ratio tables (``memorisation.csv`` in each run folder), gathered; None if none."""
     found = [Path(d) / "memorisation.csv" for d in runs["run_dir"] if (Path(d) / "memorisation.csv").is_file()]
     return pd.concat([pd.read_csv(f) for f in found], ignore_index=True) if found else None
+
+
+CONTROL = {"lora_r": 16, "completions_per_prompt": 4}
+"""The memorisation study's control (``studies/memorisation.yaml``): the pilot's adapter and data."""
+
+
+def _gap(memorisation: pd.DataFrame, kind: str) -> dict[str, float]:
+    row = memorisation[memorisation["completions"] == f"{kind}: approved minus rejected"]
+    if row.empty:
+        return {f"{kind}_gap{k}": float("nan") for k in ("", "_low", "_high")}
+    row = row.iloc[0]
+    return {f"{kind}_gap": row["log_ratio"], f"{kind}_gap_low": row["log_ratio_low"],
+            f"{kind}_gap_high": row["log_ratio_high"]}  # fmt: skip
+
+
+def memorisation_table(runs: pd.DataFrame, control: dict = CONTROL, seed: int = 0) -> pd.DataFrame:
+    """One row per run of the memorisation study: its adapter rank and completions per prompt, the rows it trained
+    on and its epochs; on the validation prompts, ``KL(p+ || pi)`` and the approval gain with their intervals, and
+    the KL's difference from the control's, paired prompt by prompt (negative: closer to the target than the
+    control); on training prompts, the approved-minus-rejected log-ratio gap of the completions it saw and of fresh
+    reference samples (``memorisation.csv``, ``python -m studylib.lm.memorisation``)."""
+    from studylib.lm.stats import paired_difference_interval
+    from studylib.report import per_prompt_values
+
+    is_control = (runs["lora_r"] == control["lora_r"]) & (
+        runs["completions_per_prompt"] == control["completions_per_prompt"]
+    )
+    if is_control.sum() != 1:
+        raise ValueError(f"the memorisation study needs exactly one control run ({control}), found {is_control.sum()}")
+    kl = per_prompt_values(runs, "kl_to_target")
+    control_kl = kl[runs.loc[is_control, "run"].iloc[0]]
+    rows = []
+    for index, run in runs.iterrows():
+        both = pd.concat([kl[run["run"]], control_kl], axis=1).dropna()
+        difference, low, high = paired_difference_interval(both.iloc[:, 0], both.iloc[:, 1], seed=seed)
+        table = Path(run["run_dir"]) / "memorisation.csv"
+        memorisation = pd.read_csv(table) if table.is_file() else pd.DataFrame({"completions": []})
+        rows.append(
+            {"lora_r": run["lora_r"], "completions_per_prompt": run["completions_per_prompt"],
+             "training_rows": run["training"]["training_rows"], "steps": run["steps"], "epochs": run["epochs"],
+             **{k: run[k] for k in ("kl_to_target", "kl_to_target_low", "kl_to_target_high",
+                                    "reference_kl_to_target", "approval_gain", "approval_gain_low",
+                                    "approval_gain_high")},
+             "kl_minus_control": difference, "kl_minus_control_low": low, "kl_minus_control_high": high,
+             **_gap(memorisation, "seen"), **_gap(memorisation, "fresh"), "control": bool(is_control[index]),
+             "seed": run["seed"], "run": run["run"]}
+        )  # fmt: skip
+    return pd.DataFrame(rows).sort_values(["control", "lora_r", "completions_per_prompt"], ascending=False)
+
+
+def memorisation_verdict(table: pd.DataFrame) -> str:
+    """The memorisation study's rule (``studies/memorisation.yaml``): a change cures the memorisation when its
+    validation ``KL(p+ || pi)`` lies below the control's beyond the paired interval and its fresh approved
+    completions' log-ratio lies above its fresh rejected ones' beyond the interval."""
+    said = []
+    for row in table[~table["control"]].itertuples():
+        closer = row.kl_minus_control_high < 0
+        separates = row.fresh_gap_low > 0
+        what = f"r {row.lora_r:g}, {row.completions_per_prompt:g} completions a prompt"
+        said.append(
+            f"{what}: KL(p+ ‖ π) minus the control's {row.kl_minus_control:+.3f} [{row.kl_minus_control_low:+.3f}, "
+            f"{row.kl_minus_control_high:+.3f}] ({'closer' if closer else 'not closer'}), fresh approved minus "
+            f"rejected {row.fresh_gap:+.3f} [{row.fresh_gap_low:+.3f}, {row.fresh_gap_high:+.3f}] "
+            f"({'separates' if separates else 'does not separate'}): {'a cure' if closer and separates else 'no cure'}"
+        )
+    cured = [s for s in said if s.endswith(": a cure")]
+    return (
+        "; ".join(said)
+        + (". " if said else "")
+        + (f"Cured by {len(cured)} of {len(said)} changes." if cured else "No change cures the memorisation.")
+    )

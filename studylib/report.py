@@ -470,15 +470,30 @@ def published_beside_ours(table: pd.DataFrame) -> pd.DataFrame:
     return merged
 
 
-def reward_model_note(runs: pd.DataFrame) -> str:
+def reward_model_note(runs: pd.DataFrame, bench_record: str | Path | None = None) -> str:
     """The reward model behind distillation and reverse KL: its held-out accuracy with the interval over held-out
-    prompts (one reward model per data set, shared by every run that uses it), or a line saying no run used one."""
+    prompts (one reward model per data set, shared by every run that uses it). Where no run of the report fitted
+    one, the measurement in ``bench_record`` (``bench/reward_fit.py``'s JSON, on the same training data) if given,
+    else a line saying no run used one."""
     fitted = [info for info in runs["training"] if isinstance(info, dict) and "reward_accuracy_held_out" in info]
+    if not fitted and bench_record is not None and Path(bench_record).is_file():
+        info = json.loads(Path(bench_record).read_text())
+        at_chance = info["reward_accuracy_held_out_low"] <= 0.5 <= info["reward_accuracy_held_out_high"]
+        why = "is at chance (its interval holds 0.5)" if at_chance else "was measured apart (its interval excludes 0.5)"
+        return (
+            f"No run of this report fits a reward model (distillation and reverse KL are not among its sampled-LM "
+            f"runs); fit on the same training data by bench/reward_fit.py, that reward model {why}. "
+            f"{_reward_accuracy(info)}"
+        )
     if not fitted:
         return "No run of this report fitted a reward model."
     info = fitted[0]
     if "reward_accuracy_held_out_low" not in info:
         return f"Reward model, held-out pair accuracy: {info['reward_accuracy_held_out']:.2f} (no interval recorded)."
+    return _reward_accuracy(info)
+
+
+def _reward_accuracy(info: dict) -> str:
     return (
         f"Reward model (Bradley-Terry, every pair of each training prompt's completions, the pool's majority winner): "
         f"held-out accuracy {info['reward_accuracy_held_out']:.3f}, 95% interval over its "

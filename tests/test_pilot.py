@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from studylib.pilot import chosen_training, pilot_table, pilot_verdict
+from studylib.pilot import chosen_training, memorisation_table, memorisation_verdict, pilot_table, pilot_verdict
 
 
 def point(step: int, kl: float, gain_low: float, approval: float = 0.5) -> dict:
@@ -80,3 +80,47 @@ def test_runs_without_curve_points_are_refused(tmp_path):
     run = make_run(tmp_path, "e", 1e-3, "rdro", [])
     with pytest.raises(ValueError, match="no curve points"):
         pilot_table(pd.DataFrame([run]))
+
+
+def memorisation_run(tmp_path, name: str, lora_r: int, completions: int, kl: list[float], fresh_gap: float) -> dict:
+    """A memorisation-study run folder: per-prompt KL to the target in samples.csv (2 samples a prompt), and the
+    seen/fresh table's two gap rows."""
+    folder = tmp_path / name
+    folder.mkdir()
+    samples = pd.DataFrame({"prompt_index": [i for i in range(len(kl)) for _ in range(2)],
+                            "kl_to_target": [v for v in kl for _ in range(2)]})  # fmt: skip
+    samples.to_csv(folder / "samples.csv", index=False)
+    gaps = [{"completions": f"{kind}: approved minus rejected", "approved": None, "log_ratio": gap,
+             "log_ratio_low": gap - 0.5, "log_ratio_high": gap + 0.5}
+            for kind, gap in (("seen", 3.0), ("fresh", fresh_gap))]  # fmt: skip
+    pd.DataFrame(gaps).to_csv(folder / "memorisation.csv", index=False)
+    mean = sum(kl) / len(kl)
+    return {"run": name, "run_dir": str(folder), "lora_r": lora_r, "completions_per_prompt": completions, "seed": 0,
+            "training": {"training_rows": 160 * completions}, "steps": 80, "epochs": 320 / (40 * completions),
+            "kl_to_target": mean, "kl_to_target_low": mean - 0.1, "kl_to_target_high": mean + 0.1,
+            "reference_kl_to_target": 0.9, "approval_gain": 0.0, "approval_gain_low": -0.1,
+            "approval_gain_high": 0.1}  # fmt: skip
+
+
+def test_the_memorisation_table_pairs_each_change_with_the_control_and_the_rule_reads_both_measures(tmp_path):
+    control_kl = [1.0, 2.0, 3.0, 4.0]
+    runs = pd.DataFrame(
+        [
+            memorisation_run(tmp_path, "control", 16, 4, control_kl, fresh_gap=-0.1),
+            memorisation_run(tmp_path, "small", 1, 4, [v - 0.5 for v in control_kl], fresh_gap=-0.2),  # closer only
+            memorisation_run(tmp_path, "more", 16, 8, [v - 0.3 for v in control_kl], fresh_gap=1.0),  # both
+        ]
+    )
+    table = memorisation_table(runs)
+    assert list(table["run"]) == ["control", "more", "small"]  # the control first
+    row = table.set_index("run").loc["small"]
+    assert row["kl_minus_control"] == pytest.approx(-0.5) and row["kl_minus_control_high"] == pytest.approx(-0.5)
+    assert row["fresh_gap"] == -0.2 and row["seen_gap"] == 3.0 and row["training_rows"] == 640
+    assert table.set_index("run").loc["control", "kl_minus_control"] == 0.0
+    verdict = memorisation_verdict(table)
+    assert "r 1, 4 completions a prompt: KL(p+ ‖ π) minus the control's -0.500" in verdict
+    assert "(closer), fresh approved minus rejected -0.200 [-0.700, +0.300] (does not separate): no cure" in verdict
+    assert "r 16, 8 completions a prompt" in verdict and "(separates): a cure" in verdict
+    assert verdict.endswith("Cured by 1 of 2 changes.")
+    with pytest.raises(ValueError, match="exactly one control run"):
+        memorisation_table(runs.iloc[1:])

@@ -121,6 +121,20 @@ def test_the_reward_model_note_gives_the_held_out_interval_or_says_none_was_fit(
     assert report.reward_model_note(pd.DataFrame({"training": [{}]})) == "No run of this report fitted a reward model."
 
 
+def test_without_a_run_that_fits_one_the_note_reads_the_benchs_record(tmp_path):
+    record = {"reward_accuracy_held_out": 0.474, "reward_accuracy_held_out_low": 0.364,
+              "reward_accuracy_held_out_high": 0.564, "reward_held_out_prompts": 32, "reward_held_out_pairs": 190,
+              "reward_pairs": 770}  # fmt: skip
+    (tmp_path / "reward_fit.json").write_text(json.dumps(record))
+    no_fit = pd.DataFrame({"training": [{"trainer": "offline"}]})
+    note = report.reward_model_note(no_fit, tmp_path / "reward_fit.json")
+    assert "bench/reward_fit.py" in note and "is at chance" in note and "[0.364, 0.564]" in note
+    (tmp_path / "reward_fit.json").write_text(json.dumps(record | {"reward_accuracy_held_out_low": 0.51}))
+    assert "excludes 0.5" in report.reward_model_note(no_fit, tmp_path / "reward_fit.json")
+    missing = report.reward_model_note(no_fit, tmp_path / "absent.json")
+    assert missing == "No run of this report fitted a reward model."
+
+
 def test_a_runs_conclusion_says_how_far_it_got_toward_its_target():
     record = {
         "loss": "rdro", "dataset": "offline", "seed": 0, "steps": 80, "train_seconds": 600.0, "epochs": 2.0,

@@ -52,6 +52,23 @@ def log_ratio_table(
     return rows
 
 
+def approval_gap(
+    prompt_index: np.ndarray, kind: str, approved: np.ndarray, log_ratio: np.ndarray, seed: int = 0
+) -> dict:
+    """The approved completions' mean log-ratio minus the rejected ones', per prompt (the prompts with both), with
+    its interval over those prompts: above 0 when the policy separates the completions by the pool's approval."""
+    frame = pd.DataFrame({"prompt": prompt_index, "approved": approved, "log_ratio": log_ratio})
+    means = frame.groupby(["prompt", "approved"])["log_ratio"].mean().unstack()
+    both = means.dropna(subset=[c for c in (False, True) if c in means]) if {False, True} <= set(means) else None
+    if both is None or both.empty:
+        return {"completions": f"{kind}: approved minus rejected", "approved": None, "log_ratio": np.nan,
+                "log_ratio_low": np.nan, "log_ratio_high": np.nan, "prompts": 0, "n": 0}  # fmt: skip
+    estimate, low, high = bootstrap_interval((both[True] - both[False]).to_numpy(), seed=seed)
+    n = int(frame["prompt"].isin(both.index).sum())
+    return {"completions": f"{kind}: approved minus rejected", "approved": None, "log_ratio": estimate,
+            "log_ratio_low": low, "log_ratio_high": high, "prompts": len(both), "n": n}  # fmt: skip
+
+
 def seen_and_fresh(run_dir: str | Path, n_prompts: int = 32) -> pd.DataFrame:
     """The seen and fresh log-ratio table of a finished LoRA run on the offline set (module docstring)."""
     from peft import PeftModel
@@ -90,21 +107,31 @@ def seen_and_fresh(run_dir: str | Path, n_prompts: int = 32) -> pd.DataFrame:
             batch_size=batch, device=runtime.device,
         )  # fmt: skip
         fresh_logps = fresh._score(policy)
-    seen_rows = log_ratio_table(
-        np.array([keys[prompt_key(r["prompt"])] for r in seen]),
-        "seen (training rows)",
-        np.array([bool(r["label"]) for r in seen]),
-        (policy_logps - reference_logps).double().numpy(),
-    )
-    fresh_rows = log_ratio_table(
-        np.repeat(np.arange(len(prompts)), fresh.k),
-        "fresh (new reference samples)",
-        fresh.approvals > 0.5,
-        (fresh_logps - fresh.reference_logps).double().numpy(),
-    )
-    table = pd.DataFrame(seen_rows + fresh_rows)
+    rows = []
+    for kind, args in (
+        (
+            "seen (training rows)",
+            (
+                np.array([keys[prompt_key(r["prompt"])] for r in seen]),
+                np.array([bool(r["label"]) for r in seen]),
+                (policy_logps - reference_logps).double().numpy(),
+            ),
+        ),
+        (
+            "fresh (new reference samples)",
+            (
+                np.repeat(np.arange(len(prompts)), fresh.k),
+                fresh.approvals > 0.5,
+                (fresh_logps - fresh.reference_logps).double().numpy(),
+            ),
+        ),
+    ):
+        index, approved, log_ratio = args
+        rows += log_ratio_table(index, kind, approved, log_ratio) + [approval_gap(index, kind, approved, log_ratio)]
+    table = pd.DataFrame(rows)
     return table.assign(run=run_dir.name, loss=config.loss, learning_rate=config.train.learning_rate,
-                        steps=config.train.max_steps)  # fmt: skip
+                        steps=config.train.max_steps, lora_r=config.train.lora_r,
+                        completions_per_prompt=config.data.completions_per_prompt)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ has no estimate (``Z_hat = 0``) and is left out; ``target_prompts`` counts the p
 This is the sequence-level counterpart of notebook 06's exact excess KL. Paper 3's methods (PMLE, distillation,
 reverse KL) target ``pi* ∝ pi_ref exp(r*/beta)`` under a Bradley-Terry model the pool does not follow, so their
 own target cannot be written from the pool's judgments; their rows report the distance to ``p+`` too, as the
-common yardstick of "closer to what the annotators approve" (docs/LM_STUDY.md).
+common yardstick of "closer to what the annotators approve" (docs/STUDY.md, section 4).
 """
 
 from __future__ import annotations
