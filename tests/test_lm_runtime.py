@@ -29,6 +29,19 @@ def test_auto_follows_the_processors_native_bf16():
     assert bf16_support_from({"avx2"}, {torch.float32: 188.0, torch.bfloat16: 438.0}.get)[0] is True
 
 
+def test_a_burst_of_other_work_during_the_probe_does_not_flip_the_decision():
+    """Measured on this project's machine: float32 306 and bf16 59 GFLOP/s alone; one round under other work read
+    float32 8.8 against bf16 17.7. Each precision's best of the alternating rounds decides."""
+    readings = {
+        torch.float32: iter([8.8, 306.0, 290.0, 301.0, 299.0]),
+        torch.bfloat16: iter([17.7, 59.0, 55.0, 58.0, 57.0]),
+    }
+    calls = []
+    native, why = bf16_support_from({"avx512f"}, lambda dtype: calls.append(dtype) or next(readings[dtype]))
+    assert native is False and "bf16 59.0 against float32 306.0 GFLOP/s (best of 5), slower: float32" in why
+    assert calls == [torch.float32, torch.bfloat16] * 5  # alternating, so one burst cannot hit only one precision
+
+
 def test_the_real_probe_measures_both_precisions():
     fp32, bf16 = (
         runtime_module._matmul_gflops(dtype, size=64, budget_seconds=0.01) for dtype in (torch.float32, torch.bfloat16)
@@ -60,7 +73,7 @@ def test_without_native_bf16_a_run_trains_in_float32_unasked_and_says_so(tiny_ru
 
 
 def test_the_cpu_and_smoke_profiles_let_the_processor_decide():
-    for profile in ("cpu", "smoke", "pilot"):
+    for profile in ("cpu", "smoke", "pilot", "memorisation"):
         study = yaml.safe_load((ROOT / "studies" / f"{profile}.yaml").read_text())
         assert study["defaults"]["04_lm_alignment"]["bf16"] == "auto", profile
 
