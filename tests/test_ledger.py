@@ -55,7 +55,8 @@ def test_a_verdict_follows_its_numbers():
 
 def test_the_sampled_lm_is_called_untested_only_when_no_interval_excludes_one_half():
     slopes, spread, falls, runs, lm = tables()
-    why = claims_ledger(slopes, spread, falls, runs, lm)["why"]
+    straddling = lm.assign(win_rate_low=0.45, win_rate_high=0.55)  # every interval holds 0.5
+    why = claims_ledger(slopes, spread, falls, runs, straddling)["why"]
     assert why.str.contains("the sampled LM cannot test it").any()
     separated = lm.assign(win_rate_low=0.55, win_rate_high=0.6)
     assert not claims_ledger(slopes, spread, falls, runs, separated)["why"].str.contains("cannot test").any()
