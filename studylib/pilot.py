@@ -99,13 +99,16 @@ CONTROL = {"lora_r": 16, "completions_per_prompt": 4}
 """The memorisation study's control (``studies/memorisation.yaml``): the pilot's adapter and data."""
 
 
-def _gap(memorisation: pd.DataFrame, kind: str) -> dict[str, float]:
-    row = memorisation[memorisation["completions"] == f"{kind}: approved minus rejected"]
+def _gap(memorisation: pd.DataFrame, kind: str, name: str) -> dict[str, float]:
+    """``<name>_gap`` with its interval ends: the approved-minus-rejected row of ``kind`` in a seen/fresh table."""
+    from studylib.lm.memorisation import gap_label
+
+    row = memorisation[memorisation["completions"] == gap_label(kind)]
     if row.empty:
-        return {f"{kind}_gap{k}": float("nan") for k in ("", "_low", "_high")}
+        return {f"{name}_gap{k}": float("nan") for k in ("", "_low", "_high")}
     row = row.iloc[0]
-    return {f"{kind}_gap": row["log_ratio"], f"{kind}_gap_low": row["log_ratio_low"],
-            f"{kind}_gap_high": row["log_ratio_high"]}  # fmt: skip
+    return {f"{name}_gap": row["log_ratio"], f"{name}_gap_low": row["log_ratio_low"],
+            f"{name}_gap_high": row["log_ratio_high"]}  # fmt: skip
 
 
 def memorisation_table(runs: pd.DataFrame, control: dict = CONTROL, seed: int = 0) -> pd.DataFrame:
@@ -114,6 +117,7 @@ def memorisation_table(runs: pd.DataFrame, control: dict = CONTROL, seed: int = 
     the KL's difference from the control's, paired prompt by prompt (negative: closer to the target than the
     control); on training prompts, the approved-minus-rejected log-ratio gap of the completions it saw and of fresh
     reference samples (``memorisation.csv``, ``python -m studylib.lm.memorisation``)."""
+    from studylib.lm.memorisation import FRESH, SEEN
     from studylib.lm.stats import paired_difference_interval
     from studylib.report import per_prompt_values
 
@@ -137,7 +141,8 @@ def memorisation_table(runs: pd.DataFrame, control: dict = CONTROL, seed: int = 
                                     "reference_kl_to_target", "approval_gain", "approval_gain_low",
                                     "approval_gain_high")},
              "kl_minus_control": difference, "kl_minus_control_low": low, "kl_minus_control_high": high,
-             **_gap(memorisation, "seen"), **_gap(memorisation, "fresh"), "control": bool(is_control[index]),
+             **_gap(memorisation, SEEN, "seen"), **_gap(memorisation, FRESH, "fresh"),
+             "control": bool(is_control[index]),
              "seed": run["seed"], "run": run["run"]}
         )  # fmt: skip
     return pd.DataFrame(rows).sort_values(["control", "lora_r", "completions_per_prompt"], ascending=False)

@@ -8,7 +8,7 @@ import pytest
 
 from studylib.checks import UserError
 from studylib.lm.experiment import run_experiment
-from studylib.lm.memorisation import approval_gap, log_ratio_table, main, seen_and_fresh
+from studylib.lm.memorisation import FRESH, SEEN, approval_gap, gap_label, log_ratio_table, main, seen_and_fresh
 
 
 def test_the_table_averages_within_prompts_first():
@@ -47,6 +47,7 @@ def test_a_tiny_offline_run_reads_back(tiny_run, tmp_path, capsys):
     assert seen["n"].sum() <= 2 * 2 and fresh["n"].sum() == 2 * 2  # 2 prompts: their rows, 2 fresh samples each
     assert set(table["run"]) == {config.name()} and np.isfinite(classes["log_ratio"]).all()
     assert len(table) == len(classes) + 2  # one approved-minus-rejected row each for seen and fresh
+    assert set(table["completions"]) >= {gap_label(SEEN), gap_label(FRESH)}  # the rows the memorisation study reads
     assert set(table["lora_r"]) == {config.train.lora_r} and set(table["completions_per_prompt"]) == {2}
     assert record["steps"] == 2
     main([str(config.run_dir()), "--prompts", "2"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from studylib.lm.memorisation import FRESH, SEEN, gap_label
 from studylib.pilot import chosen_training, memorisation_table, memorisation_verdict, pilot_table, pilot_verdict
 
 
@@ -90,9 +91,9 @@ def memorisation_run(tmp_path, name: str, lora_r: int, completions: int, kl: lis
     samples = pd.DataFrame({"prompt_index": [i for i in range(len(kl)) for _ in range(2)],
                             "kl_to_target": [v for v in kl for _ in range(2)]})  # fmt: skip
     samples.to_csv(folder / "samples.csv", index=False)
-    gaps = [{"completions": f"{kind}: approved minus rejected", "approved": None, "log_ratio": gap,
+    gaps = [{"completions": gap_label(kind), "approved": None, "log_ratio": gap,
              "log_ratio_low": gap - 0.5, "log_ratio_high": gap + 0.5}
-            for kind, gap in (("seen", 3.0), ("fresh", fresh_gap))]  # fmt: skip
+            for kind, gap in ((SEEN, 3.0), (FRESH, fresh_gap))]  # fmt: skip
     pd.DataFrame(gaps).to_csv(folder / "memorisation.csv", index=False)
     mean = sum(kl) / len(kl)
     return {"run": name, "run_dir": str(folder), "lora_r": lora_r, "completions_per_prompt": completions, "seed": 0,

@@ -52,6 +52,15 @@ def log_ratio_table(
     return rows
 
 
+SEEN, FRESH = "seen (training rows)", "fresh (new reference samples)"
+"""The two kinds of completions the table reads: the run's own training rows, and new reference samples."""
+
+
+def gap_label(kind: str) -> str:
+    """The ``completions`` cell of a kind's approved-minus-rejected row (``approval_gap``)."""
+    return f"{kind}: approved minus rejected"
+
+
 def approval_gap(
     prompt_index: np.ndarray, kind: str, approved: np.ndarray, log_ratio: np.ndarray, seed: int = 0
 ) -> dict:
@@ -61,11 +70,11 @@ def approval_gap(
     means = frame.groupby(["prompt", "approved"])["log_ratio"].mean().unstack()
     both = means.dropna(subset=[c for c in (False, True) if c in means]) if {False, True} <= set(means) else None
     if both is None or both.empty:
-        return {"completions": f"{kind}: approved minus rejected", "approved": None, "log_ratio": np.nan,
+        return {"completions": gap_label(kind), "approved": None, "log_ratio": np.nan,
                 "log_ratio_low": np.nan, "log_ratio_high": np.nan, "prompts": 0, "n": 0}  # fmt: skip
     estimate, low, high = bootstrap_interval((both[True] - both[False]).to_numpy(), seed=seed)
     n = int(frame["prompt"].isin(both.index).sum())
-    return {"completions": f"{kind}: approved minus rejected", "approved": None, "log_ratio": estimate,
+    return {"completions": gap_label(kind), "approved": None, "log_ratio": estimate,
             "log_ratio_low": low, "log_ratio_high": high, "prompts": len(both), "n": n}  # fmt: skip
 
 
@@ -110,7 +119,7 @@ def seen_and_fresh(run_dir: str | Path, n_prompts: int = 32) -> pd.DataFrame:
     rows = []
     for kind, args in (
         (
-            "seen (training rows)",
+            SEEN,
             (
                 np.array([keys[prompt_key(r["prompt"])] for r in seen]),
                 np.array([bool(r["label"]) for r in seen]),
@@ -118,7 +127,7 @@ def seen_and_fresh(run_dir: str | Path, n_prompts: int = 32) -> pd.DataFrame:
             ),
         ),
         (
-            "fresh (new reference samples)",
+            FRESH,
             (
                 np.repeat(np.arange(len(prompts)), fresh.k),
                 fresh.approvals > 0.5,
