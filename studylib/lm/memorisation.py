@@ -68,14 +68,11 @@ def approval_gap(
     its interval over those prompts: above 0 when the policy separates the completions by the pool's approval."""
     frame = pd.DataFrame({"prompt": prompt_index, "approved": approved, "log_ratio": log_ratio})
     means = frame.groupby(["prompt", "approved"])["log_ratio"].mean().unstack()
-    both = means.dropna(subset=[c for c in (False, True) if c in means]) if {False, True} <= set(means) else None
-    if both is None or both.empty:
-        return {"completions": gap_label(kind), "approved": None, "log_ratio": np.nan,
-                "log_ratio_low": np.nan, "log_ratio_high": np.nan, "prompts": 0, "n": 0}  # fmt: skip
-    estimate, low, high = bootstrap_interval((both[True] - both[False]).to_numpy(), seed=seed)
-    n = int(frame["prompt"].isin(both.index).sum())
-    return {"completions": gap_label(kind), "approved": None, "log_ratio": estimate,
-            "log_ratio_low": low, "log_ratio_high": high, "prompts": len(both), "n": n}  # fmt: skip
+    has_both = {False, True} <= set(means.columns)
+    gap = (means[True] - means[False]).dropna() if has_both else pd.Series(dtype=float)
+    estimate, low, high = bootstrap_interval(gap.to_numpy(), seed=seed) if len(gap) else (np.nan, np.nan, np.nan)
+    return {"completions": gap_label(kind), "approved": None, "log_ratio": estimate, "log_ratio_low": low,
+            "log_ratio_high": high, "prompts": len(gap), "n": int(frame["prompt"].isin(gap.index).sum())}  # fmt: skip
 
 
 def seen_and_fresh(run_dir: str | Path, n_prompts: int = 32) -> pd.DataFrame:
@@ -116,26 +113,16 @@ def seen_and_fresh(run_dir: str | Path, n_prompts: int = 32) -> pd.DataFrame:
             batch_size=batch, device=runtime.device,
         )  # fmt: skip
         fresh_logps = fresh._score(policy)
+    seen_index = np.array([keys[prompt_key(r["prompt"])] for r in seen])
+    seen_args = (
+        seen_index,
+        np.array([bool(r["label"]) for r in seen]),
+        (policy_logps - reference_logps).double().numpy(),
+    )
+    fresh_index = np.repeat(np.arange(len(prompts)), fresh.k)
+    fresh_args = (fresh_index, fresh.approvals > 0.5, (fresh_logps - fresh.reference_logps).double().numpy())
     rows = []
-    for kind, args in (
-        (
-            SEEN,
-            (
-                np.array([keys[prompt_key(r["prompt"])] for r in seen]),
-                np.array([bool(r["label"]) for r in seen]),
-                (policy_logps - reference_logps).double().numpy(),
-            ),
-        ),
-        (
-            FRESH,
-            (
-                np.repeat(np.arange(len(prompts)), fresh.k),
-                fresh.approvals > 0.5,
-                (fresh_logps - fresh.reference_logps).double().numpy(),
-            ),
-        ),
-    ):
-        index, approved, log_ratio = args
+    for kind, (index, approved, log_ratio) in ((SEEN, seen_args), (FRESH, fresh_args)):
         rows += log_ratio_table(index, kind, approved, log_ratio) + [approval_gap(index, kind, approved, log_ratio)]
     table = pd.DataFrame(rows)
     return table.assign(run=run_dir.name, loss=config.loss, learning_rate=config.train.learning_rate,
