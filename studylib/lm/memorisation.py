@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for run in args.runs:
         table = seen_and_fresh(run, args.prompts)
-        print(table.drop(columns="run").round(3).to_string(index=False))
+        print(table.drop(columns="run").to_string(index=False, float_format=lambda value: f"{value:.4g}"))
         save_table(table, Path(run) / "memorisation", {"run": Path(run).name, "prompts": args.prompts})
 
 
