@@ -8,11 +8,12 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PROFILE    ?= cpu
+FORCE      ?=
 BIN        := $(VENV)/bin
 MIN_VENV   ?= .venv-min
 MIN_BIN    := $(MIN_VENV)/bin
 
-.PHONY: setup study smoke pilot memorisation test test-min lint bench clean-results notebooks
+.PHONY: setup study smoke pilot memorisation test test-min lint bench clean-results notebooks docs stale
 
 setup: $(VENV)/.installed
 
@@ -26,14 +27,26 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name python3 >/dev/null
 	touch $@
 
+# Runs every notebook whose committed result is stale (its code, data or parameters changed since: `make stale`
+# lists them) or missing, and skips the current ones, as make skips an up-to-date target; FORCE=1 reruns them all
 study: setup
-	$(BIN)/python -m studylib study --profile $(PROFILE)
+	$(BIN)/python -m studylib study --profile $(PROFILE) $(if $(FORCE),--force)
+
+# README.md and docs/RESULTS.md from their templates (docs/templates/) over the committed tables; the tests fail
+# when the committed text differs from a fresh rendering
+docs: setup
+	$(BIN)/python -m studylib docs
+
+# The runs of a profile whose results are older than their code, data or config (make study reruns them)
+stale: setup
+	$(BIN)/python -m studylib study --profile $(PROFILE) --stale
 
 smoke: setup
 	$(BIN)/python -m studylib study --profile smoke
 
 # The pilot on the validation prompts that chooses the cpu profile's training length and rate (studies/pilot.yaml):
-# 4 runs of 4 epochs, about 36 min each on 2 AVX2 cores in float32; a stopped pilot resumes where it stopped
+# runs of 4 epochs; results/study-pilot.json records each run's time and machine (37-54 min on 2 AVX2 cores of
+# an AMD EPYC, float32); a stopped pilot resumes where it stopped
 pilot: setup
 	$(BIN)/python -m studylib study --profile pilot
 

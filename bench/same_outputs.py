@@ -8,10 +8,10 @@ folders and compare them::
     python -m studylib study --profile smoke --results-dir scratch/after --no-html    # on the new one
     python bench/same_outputs.py scratch/before scratch/after
 
-Left out: stamps (``*.json`` beside a table or figure, and a Markdown table's ``created`` and ``git_commit`` lines),
-the runner's own record and executed notebooks, timing tables, the keys and columns that are wall-clock times
-(``seconds``, ``steps_per_second``) and the speeds of the bf16 probe (``GFLOP/s``); each folder's own path is
-read as the same placeholder.
+Left out: stamps (``*.json`` beside a table or figure, and a Markdown table's ``created``, ``git_commit`` and
+``sources`` lines), the runner's own record and executed notebooks, timing tables, the keys and columns that are
+wall-clock times (``seconds``, ``steps_per_second``) and the speeds of the bf16 probe (``GFLOP/s``); each folder's
+own path is read as the same placeholder.
 Exit status 0 when every compared file is the same and both folders hold the same files; 1 otherwise.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 TIMING = ("seconds", "per_second")
 SKIPPED_FILES = ("timing.csv", "timing.md")
-STAMP_LINES = ("- created:", "- git_commit:")
+STAMP_LINES = ("- created:", "- git_commit:", "- sources:")
 SPEED = re.compile(r"bf16 [0-9.]+ against float32 [0-9.]+ GFLOP/s")
 
 

@@ -6,4 +6,15 @@
 - ``studylib.lm``: language-model helpers (models, data, annotators, trainer, evaluation).
 """
 
+import warnings
+
 __version__ = "0.1.0"
+
+from studylib import provenance as _provenance
+
+_provenance.install()  # from the first import on, record the repository files read: each stamp names its sources
+
+# tqdm.auto (imported by transformers and the study runner) picks widget progress bars in a Jupyter kernel, and
+# without ipywidgets (left out on purpose: executed notebooks store widget bars frozen at 0%) it warns, then draws
+# the text bars a papermill run should record. Those text bars are what we want: that one warning is dropped.
+warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")

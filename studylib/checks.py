@@ -1,7 +1,10 @@
-"""One rule for a knob's type, shared by run configs and study configs: a value must be like its default."""
+"""Checks shared by run configs, study configs and the command line: a value must be like its default
+(``check_like_default``), a name joined to a folder stays inside it (``plain_name``), and a key is given once
+(``unique_keys``, for JSON; the study runner's YAML loader does the same)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -41,3 +44,24 @@ def check_like_default(name: str, value: Any, default: Any, also: tuple[Any, ...
         ok = isinstance(value, type(default))
     if not ok:
         raise ValueError(f"{name} must be {KINDS[type(default)]} (its default is {default!r}), got {value!r}")
+
+
+def plain_name(name: Any) -> bool:
+    """Whether ``name`` stays one level inside the folder it is joined to: a non-empty string without a path
+    separator, not ``.`` or ``..`` (so neither absolute nor climbing out)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(s in name for s in ("/", "\\", "\0"))
+
+
+def unique_keys(where: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """An ``object_pairs_hook`` for ``json.loads``: every object (at any depth) as a dict, and a key given twice in
+    one object a ``UserError`` naming the key and ``where`` (the file), instead of the later value silently winning."""
+
+    def to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in found:
+                raise UserError(f"{where}: key {key!r} is given twice (a later value would win)")
+            found[key] = value
+        return found
+
+    return to_dict

@@ -113,7 +113,8 @@ def _gap(memorisation: pd.DataFrame, kind: str, name: str) -> dict[str, float]:
 
 def memorisation_table(runs: pd.DataFrame, control: dict = CONTROL, seed: int = 0) -> pd.DataFrame:
     """One row per run of the memorisation study: its adapter rank and completions per prompt, the rows it trained
-    on and its epochs; on the validation prompts, ``KL(p+ || pi)`` and the approval gain with their intervals, and
+    on and its epochs; on the validation prompts, ``KL(p+ || pi)``, its gain over the reference's (positive: closer
+    to the target, paired by prompt, from the run's record) and the approval gain with their intervals, and
     the KL's difference from the control's, paired prompt by prompt (negative: closer to the target than the
     control); on training prompts, the approved-minus-rejected log-ratio gap of the completions it saw and of fresh
     reference samples (``memorisation.csv``, ``python -m studylib.lm.memorisation``)."""
@@ -138,7 +139,8 @@ def memorisation_table(runs: pd.DataFrame, control: dict = CONTROL, seed: int = 
             {"lora_r": run["lora_r"], "completions_per_prompt": run["completions_per_prompt"],
              "training_rows": run["training"]["training_rows"], "steps": run["steps"], "epochs": run["epochs"],
              **{k: run[k] for k in ("kl_to_target", "kl_to_target_low", "kl_to_target_high",
-                                    "reference_kl_to_target", "approval_gain", "approval_gain_low",
+                                    "reference_kl_to_target", "kl_to_target_gain", "kl_to_target_gain_low",
+                                    "kl_to_target_gain_high", "approval_gain", "approval_gain_low",
                                     "approval_gain_high")},
              "kl_minus_control": difference, "kl_minus_control_low": low, "kl_minus_control_high": high,
              **_gap(memorisation, SEEN, "seen"), **_gap(memorisation, FRESH, "fresh"),
@@ -163,9 +165,39 @@ def memorisation_verdict(table: pd.DataFrame) -> str:
             f"rejected {row.fresh_gap:+.3f} [{row.fresh_gap_low:+.3f}, {row.fresh_gap_high:+.3f}] "
             f"({'separates' if separates else 'does not separate'}): {'a cure' if closer and separates else 'no cure'}"
         )
-    cured = [s for s in said if s.endswith(": a cure")]
+    return "; ".join(said) + (". " if said else "") + cure_count(table)
+
+
+def cure_count(table: pd.DataFrame) -> str:
+    """The memorisation study's verdict in one sentence: how many of its changes cure by its rule."""
+    changes = table[~table["control"]]
+    cured = int(((changes["kl_minus_control_high"] < 0) & (changes["fresh_gap_low"] > 0)).sum())
+    return f"Cured by {cured} of {len(changes)} changes." if cured else "No change cures the memorisation."
+
+
+def memorisation_against_reference(table: pd.DataFrame) -> str:
+    """Per run of the memorisation study (``memorisation_table``), control included: whether it ended closer to
+    ``p+`` than the reference, by the 95% interval of its ``KL(p+ || pi)`` gain over the reference's (paired by
+    prompt): above 0 closer, below 0 further, else not told apart. Markdown lines."""
+    lines = []
+    for row in table.itertuples():
+        low, high = row.kl_to_target_gain_low, row.kl_to_target_gain_high
+        where = "closer to p+ than the reference" if low > 0 else "further from p+ than the reference" if high < 0 \
+            else "not told from the reference"  # fmt: skip
+        what = f"r {row.lora_r:g}, {row.completions_per_prompt:g} completions a prompt" + (
+            " (the control)" if row.control else ""
+        )
+        lines.append(
+            f"- {what}: KL(p+ ‖ π) {row.kl_to_target:.3f} against the reference's {row.reference_kl_to_target:.3f}, "
+            f"gain {row.kl_to_target_gain:+.3f} [{low:+.3f}, {high:+.3f}]: {where}"
+        )
+    return "\n".join(lines)
+
+
+def memorisation_conclusion(cures: pd.DataFrame) -> str:
+    """The memorisation study's part of notebook 05's conclusion (``report.conclusion``): its verdict by its rule
+    and where each run ended against the reference, from ``memorisation_table``."""
     return (
-        "; ".join(said)
-        + (". " if said else "")
-        + (f"Cured by {len(cured)} of {len(said)} changes." if cured else "No change cures the memorisation.")
+        f"**The memorisation study**, by its rule (above): {cure_count(cures)} Where each run ended against the "
+        "reference:\n\n" + memorisation_against_reference(cures)
     )

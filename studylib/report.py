@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
 from studylib.lm.plots import plot_run_curves, run_title  # noqa: F401 (notebook 04's, re-exported)
 from studylib.lm.stats import bootstrap_interval, detectable_effect, paired_difference_interval, prompts_needed
@@ -115,7 +115,8 @@ def run_conclusion(record: dict, curves: pd.DataFrame | None = None) -> str:
         f"{record['reference_length']:.1f}).",
     ]
     if record.get("epochs") is not None:
-        lines[0] = lines[0].replace(" optimizer steps", f" optimizer steps ({record['epochs']:.2g} epochs of its rows)")
+        rows = f" optimizer steps ({epochs_text(record['epochs'])} of its rows)"
+        lines[0] = lines[0].replace(" optimizer steps", rows)
     if record.get("kl_to_target") is not None:
         gain, glow, ghigh = (record[f"kl_to_target_gain{k}"] for k in ("", "_low", "_high"))
         toward = "closer to" if glow > 0 else "further from" if ghigh < 0 else "not measurably closer to"
@@ -133,6 +134,12 @@ def run_conclusion(record: dict, curves: pd.DataFrame | None = None) -> str:
     flags = record.get("flags") or []
     lines.append("- Flags: " + ("; ".join(flags) if flags else "none (no collapse, KL within bound)."))
     return "\n".join(lines + run_caveats(record, curves))
+
+
+def epochs_text(epochs: float) -> str:
+    """``"1 epoch"``, ``"2 epochs"``, ``"0.5 epochs"``: the count as printed (two significant digits), then the word."""
+    count = f"{epochs:.2g}"
+    return f"{count} epoch" if count == "1" else f"{count} epochs"
 
 
 CHANCE = 0.55  # a reward model whose held-out pair accuracy is at most this is at chance for our purposes
@@ -299,9 +306,69 @@ def plot_frontier(table: pd.DataFrame):
     ax.set(
         xlabel=f"KL(policy || reference), nats per completion ({'log' if positive else 'symlog'} scale)",
         ylabel="win rate against the reference",
-        title=f"Win rate against KL: mean and 95% bootstrap intervals over {int(table['prompts'].max())} prompts",
+        title="Win rate against KL(policy || reference): how far each policy moved from the reference\n(not its "
+        f"distance to the target p+: lm_kl_to_target.png); 95% bootstrap intervals over {int(table['prompts'].max())} "
+        "prompts",
     )
     ax.title.set_fontsize(9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def _with_error(ax, x: float, values: pd.Series | dict, name: str, **kwargs) -> None:
+    """A point at ``values[name]`` with its interval ``values[name + "_low"]`` to ``values[name + "_high"]``."""
+    value, low, high = (values[f"{name}{k}"] for k in ("", "_low", "_high"))
+    ax.errorbar(x, value, yerr=[[value - low], [high - value]], **kwargs)
+
+
+def plot_kl_to_target(table: pd.DataFrame, runs: pd.DataFrame | None = None):
+    """The sampled LM's main result across methods: each method's ``KL(p+ || pi)`` in nats (lower: closer to the
+    target), its seed mean with the 95% bootstrap interval over prompts (``method_table``) and, from ``runs``, each
+    seed's own value and interval; the reference's ``KL(p+ || pi_ref)`` with its interval as a horizontal band. A
+    table without it (runs evaluated without target samples, e.g. on a hub data set) gives a figure that says so."""
+    table = table[table["kl_to_target"].notna()].reset_index(drop=True) if "kl_to_target" in table else table.iloc[:0]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    if table.empty:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "No run of this report measured KL(p+ || pi)\n(evaluated without target samples)",
+                ha="center", va="center")  # fmt: skip
+        return fig
+    main = _main_runs(runs) if runs is not None and "kl_to_target" in runs else None
+    for i, row in table.iterrows():
+        look = style(row["method"])
+        first = i == 0  # one legend entry per kind of mark
+        low, high = row["reference_kl_to_target_low"], row["reference_kl_to_target_high"]
+        band, line = ("its interval", "reference: KL(p+ || pi_ref)") if first else (None, None)
+        ax.hlines(row["reference_kl_to_target"], i - 0.5, i + 0.5, color="black", lw=1, label=line)
+        ax.fill_between([i - 0.5, i + 0.5], low, high, color="grey", alpha=0.25, lw=0, label=band)
+        mean = "mean over seeds" if first else None
+        _with_error(ax, i, row, "kl_to_target", fmt=look["marker"], ms=9, capsize=4, color=look["color"], label=mean)
+        if main is None:
+            continue
+        seeds = main[(main["dataset"] == row["dataset"]) & (main["loss"] == row["method"])].sort_values("seed")
+        for j, (_, run) in enumerate(seeds.iterrows()):
+            each = f"seeds {row['seeds']}, left to right" if i + j == 0 else None
+            _with_error(ax, i + 0.25 + 0.1 * j, run, "kl_to_target", fmt=look["marker"], ms=5, capsize=2,
+                        mfc="white", color=look["color"], lw=0.8, label=each)  # fmt: skip
+    several = table["dataset"].nunique() > 1
+    ax.set_xticks(range(len(table)), [f"{r.method} ({r.dataset})" if several else r.method for r in table.itertuples()])
+    ax.set_xlim(-0.6, len(table) - 0.4)
+    positive = bool((table["kl_to_target_low"] > 0).all() and (table["reference_kl_to_target_low"] > 0).all())
+    ax.set_yscale("log" if positive else "symlog", **({} if positive else {"linthresh": 0.1}))
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    closer = table.loc[table["kl_to_target_gain_low"] > 0, "method"].tolist()
+    further = table.loc[table["kl_to_target_gain_high"] < 0, "method"].tolist()
+    ax.set(
+        xlabel="method",
+        ylabel=f"KL(p+ || policy), nats ({'log' if positive else 'symlog'} scale; lower: closer)",
+        title="Distance to the target p+, against the reference's (every interval: 95% bootstrap over prompts)\n"
+        f"closer than the reference (paired gain): {_names(closer)}; further: {_names(further)}",
+    )
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
@@ -450,10 +517,14 @@ def plot_training_curves(runs: pd.DataFrame, seed: int | None = None):
     return fig
 
 
-def published_beside_ours(table: pd.DataFrame) -> pd.DataFrame:
+def published_beside_ours(
+    table: pd.DataFrame, runs: pd.DataFrame | None = None, tuned_on: Collection[str] = ()
+) -> pd.DataFrame:
     """Published win rates beside ours, both in percent, each with its judge and its baseline (what the win rate is
     against): theirs a GPT-4 judge against GPT-4 Turbo's outputs (AlpacaEval 2 LC) or human reference summaries
-    (TL;DR); ours the annotator pool against our own reference model's samples, with the 95% interval."""
+    (TL;DR); ours the annotator pool against our own reference model's samples, with the 95% interval. ``our_note``
+    (``training_note``): the learning rate each of our methods ran at and how far it moved from the reference, and
+    where that confounds its ordering against DPO."""
     ours = table[["method", "dataset", "win_rate", "win_rate_low", "win_rate_high"]].copy()
     for column in ("win_rate", "win_rate_low", "win_rate_high"):
         ours[f"our_{column}_pct"] = (100 * ours.pop(column)).round(1)
@@ -467,7 +538,40 @@ def published_beside_ours(table: pd.DataFrame) -> pd.DataFrame:
     merged["our_judge_and_baseline"] = (
         "annotator pool, against the samples of our reference (the model before training)"
     )
+    notes = training_note(table, runs, tuned_on)
+    keys = zip(merged["method"], merged["dataset"], strict=True)
+    merged["our_note"] = [notes.get(key, "") for key in keys]
     return merged
+
+
+def training_note(
+    table: pd.DataFrame, runs: pd.DataFrame | None = None, tuned_on: Collection[str] = ()
+) -> dict[tuple[str, str], str]:
+    """Per (method, data set) of ``table``: the learning rate its runs used (from ``runs``), whether every method
+    shared it and whether it was chosen on the method (``tuned_on``: the methods the pilot chose the rate on), and its
+    ``KL(pi || pi_ref)`` with the interval. A method not tuned on whose KL interval lies above DPO's (same data set)
+    drifted at a rate not its own: its ordering against DPO is confounded by the rate, and the note says so."""
+    main = _main_runs(runs) if runs is not None else pd.DataFrame({"dataset": [], "loss": [], "learning_rate": []})
+    pilot = ", ".join(sorted(tuned_on))
+    notes = {}
+    for _, row in table.iterrows():
+        method, dataset = row["method"], row["dataset"]
+        part = main[main["dataset"] == dataset]
+        rates = sorted(set(part.loc[part["loss"] == method, "learning_rate"]))
+        rate = f"learning rate {', '.join(f'{r:g}' for r in rates)}" if rates else "learning rate not recorded"
+        if method in tuned_on:
+            rate += f", chosen by the pilot on {pilot}"
+        elif rates and part["learning_rate"].nunique() == 1:
+            rate += ", shared by every method" + (f", not chosen on {method} (the pilot chose it on {pilot})"
+                                                   if tuned_on else "")  # fmt: skip
+        kl = f"KL(pi || pi_ref) {row['kl']:.2f} [{row['kl_low']:.2f}, {row['kl_high']:.2f}] nats"
+        dpo = table[(table["method"] == "dpo") & (table["dataset"] == dataset)]
+        if method not in tuned_on and method != "dpo" and len(dpo) and row["kl_low"] > dpo["kl_high"].iloc[0]:
+            dpo = dpo.iloc[0]
+            kl = (f"it drifted: {kl}, beyond our DPO's {dpo['kl']:.2f} [{dpo['kl_low']:.2f}, {dpo['kl_high']:.2f}], "
+                  "so its ordering against DPO is confounded by the rate")  # fmt: skip
+        notes[(method, dataset)] = f"{rate}; {kl}"
+    return notes
 
 
 def reward_model_note(runs: pd.DataFrame, bench_record: str | Path | None = None) -> str:
@@ -501,3 +605,54 @@ def _reward_accuracy(info: dict) -> str:
         f"{info['reward_accuracy_held_out_high']:.3f}] ({info['reward_held_out_pairs']} pairs; fit on "
         f"{info['reward_pairs']}); chance is 0.5."
     )
+
+
+def _names(methods: list[str]) -> str:
+    return ", ".join(methods) or "none"
+
+
+def conclusion(
+    ledger: pd.DataFrame | None,
+    table: pd.DataFrame,
+    falls: pd.DataFrame | None = None,
+    memorisation: str | None = None,
+) -> str:
+    """Notebook 05's conclusion, in Markdown, from its tables only: each claim's verdict (``ledger``, with the why
+    where it is not "supported"); whether the exact LM's runs converged and which seed-0 fall crosses 3x with twice
+    the steps (``falls``); where each sampled-LM method ended against the reference on ``KL(p+ || pi)``, approval
+    and win rate (``table``, ``method_table``); the memorisation study's verdict and where each of its runs ended
+    against the reference (``memorisation``, written by ``pilot.memorisation_conclusion``). A part whose table is
+    None is left out."""
+    parts = []
+    if ledger is not None:
+        claims = [f"- {r.claim}: **{r.verdict}**" + ("" if r.verdict == "supported" else f" ({r.why})")
+                  for r in ledger.itertuples()]  # fmt: skip
+        parts.append("\n".join(["**The claims** (the ledger above):", *claims]))
+    if falls is not None:
+        held = falls[falls["split"] == "heldout"]
+        flips = held[(held["fall_seed0"] >= 3) != (held["fall_seed0_doubled"] >= 3)]
+        crossing = [f"{r.setting} {r.method} ({r.fall_seed0:.3g}x -> {r.fall_seed0_doubled:.3g}x)"
+                    for r in flips.itertuples()]  # fmt: skip
+        converged = int(held["converged"].sum())
+        parts.append(
+            f"**The exact LM's runs** (notebook 06): every size converged by rule 5 for {converged} of {len(held)} "
+            f"methods (the others are early-stopped estimates); data seed 0's held-out fall crosses 3x between the "
+            f"steps and twice the steps for: {_names(crossing)}."
+        )
+    if "kl_to_target" in table and table["kl_to_target"].notna().any():
+        measured = table[table["kl_to_target"].notna()]
+        closer = measured.loc[measured["kl_to_target_gain_low"] > 0, "method"].tolist()
+        further = measured.loc[measured["kl_to_target_gain_high"] < 0, "method"].tolist()
+        least = measured.loc[measured["kl_to_target"].idxmin()]
+        parts.append(
+            f"**The sampled LM**, distance to the target `KL(p+ ‖ π)` against the reference's (the paired gain's 95% "
+            f"interval): closer than the reference: {_names(closer)}; further: {_names(further)}; not told apart: "
+            f"{_names(sorted(set(measured['method']) - set(closer) - set(further)))}. Least far: {least['method']} "
+            f"({least['kl_to_target']:.2f} [{least['kl_to_target_low']:.2f}, {least['kl_to_target_high']:.2f}] "
+            f"nats against the reference's {least['reference_kl_to_target']:.2f}). Approval gain over the reference's "
+            f"above 0: {_names(table.loc[table['approval_gain_low'] > 0, 'method'].tolist())}; win rate above 0.5: "
+            f"{_names(table.loc[table['win_rate_low'] > 0.5, 'method'].tolist())}."
+        )
+    if memorisation is not None:
+        parts.append(memorisation)
+    return "\n\n".join(parts)

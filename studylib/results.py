@@ -6,7 +6,8 @@
 >>> save_figure(fig, "results/toy/t3_s1.png", stamp)    # t3_s1.png, t3_s1.png.json
 
 A stamp is a JSON-able mapping; callers should give ``params`` and ``seed`` (not enforced). The helpers add
-``studylib_version``, ``git_commit`` (None outside a git checkout) and ``created`` (UTC). Tables get the stamp in
+``studylib_version``, ``git_commit`` (None outside a git checkout), ``created`` (UTC) and ``sources`` (the hash
+of every file the process used, ``studylib.provenance``). Tables get the stamp in
 a ``.json`` sidecar and as a header of the Markdown file; figures in a ``<name>.json`` sidecar (and in the PNG's
 ``Description`` metadata). Relative paths resolve against the repository root (``resolve``), so notebooks write to
 the same place from any working directory.
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import studylib
+from studylib import provenance
 
 PACKAGE_PARENT = Path(studylib.__file__).resolve().parent.parent
 
@@ -130,11 +132,14 @@ def git_commit() -> str | None:
 
 
 def complete_stamp(stamp: Mapping[str, Any]) -> dict[str, Any]:
-    """The caller's stamp plus ``studylib_version``, ``git_commit`` and ``created`` (kept if already given)."""
+    """The caller's stamp plus ``studylib_version``, ``git_commit``, ``created`` and ``sources`` (kept if already
+    given): ``sources`` maps every file this process used so far (its ``studylib`` modules, the repository files it
+    read, the notebook the stamp names) to its sha256 (``studylib.provenance``)."""
     full = {
         "studylib_version": studylib.__version__,
         "git_commit": git_commit(),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "sources": provenance.current_sources(stamp.get("notebook")),
     }
     full.update(stamp)
     return full
@@ -153,7 +158,8 @@ def save_table(
     full = complete_stamp(stamp)
     paths = {"csv": write_atomic(stem.with_name(stem.name + ".csv"), df.to_csv(index=False))}
     if markdown:
-        header = "\n".join(f"- {k}: `{json.dumps(v, default=str)}`" for k, v in sorted(full.items()))
+        shown = {k: v for k, v in full.items() if k != "sources"} | {"sources": f"{len(full['sources'])} files"}
+        header = "\n".join(f"- {k}: `{json.dumps(v, default=str)}`" for k, v in sorted(shown.items()))
         table = df.to_markdown(index=False, floatfmt=".4g")
         text = f"Stamp (also in `{stem.name}.json`):\n\n{header}\n\n{table}\n"
         paths["md"] = write_atomic(stem.with_name(stem.name + ".md"), text)

@@ -3,10 +3,11 @@
 A study config (``studies/<profile>.yaml``) lists runs; each names a notebook and its parameters, and a
 ``grid`` of parameters to expand (every combination becomes one run; a grid entry may be a mapping with a
 ``name``, whose other keys are set together, e.g. a method with its knobs). ``{results_dir}`` and
-``{profile}`` in string parameters are filled in. When a config loads (so ``--list`` catches them), its
-top-level keys, notebook names, every parameter's name (defined by the notebook's ``parameters`` cell) and
-type (a number where the default is a number; YAML 1.2 numbers, so ``1e-3`` is one) are checked, and a
-language-model run's knobs as the run will check them.
+``{profile}`` in string parameters are filled in. When a config loads (so ``--list`` catches them), its shape
+(``runs`` a list of mappings, a grid a mapping of non-empty lists), a key given twice, its top-level keys, notebook
+names, run names (one plain file name each), every parameter's name (defined by the notebook's ``parameters`` cell)
+and type (a number where the default is a number; YAML 1.2 numbers, so ``1e-3`` is one) are checked, and a
+language-model run's knobs as the run will check them: a mistake is a ``StudyConfigError`` (exit status 2).
 
 Each run's executed notebook goes to ``<results_dir>/notebooks/<run name>.ipynb`` with an HTML export beside
 it, both naming no path of the machine that ran it (``portable_notebook``). A run is skipped only if it is
@@ -19,9 +20,9 @@ are compared with their committed versions at the end.
 
 from __future__ import annotations
 
-import ast
 import itertools
 import json
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -32,9 +33,11 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from studylib.checks import ALSO_ACCEPTED, check_like_default
+from studylib import provenance, stamps
+from studylib.checks import ALSO_ACCEPTED, UserError, check_like_default, plain_name
 from studylib.compare import what_moved
 from studylib.results import git_commit, resolve, write_atomic
+from studylib.stamps import notebook_stamp, recorded_run_folders  # noqa: F401 (as before)
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = ROOT / "studies"
@@ -54,13 +57,26 @@ class StudyError(RuntimeError):
     """A study config is invalid, or some of its notebooks failed."""
 
 
-def _fill(value: Any, context: dict[str, str]) -> Any:
+class StudyConfigError(StudyError, UserError):
+    """A study config is invalid: a user's mistake, named (the command line prints one line, exit status 2), unlike
+    a notebook that fails (a ``StudyError`` only: exit status 1)."""
+
+
+def _fill(value: Any, context: dict[str, str], where: str = "") -> Any:
+    """``value`` with ``{results_dir}`` and ``{profile}`` filled in its strings; another brace is a
+    ``StudyConfigError`` naming ``where`` and the string."""
     if isinstance(value, str):
-        return value.format(**context) if "{" in value else value
+        try:
+            return value.format(**context) if "{" in value else value
+        except (ValueError, KeyError, IndexError, AttributeError):
+            raise StudyConfigError(
+                f"{where}: {value!r} holds a brace that is not {{results_dir}} or {{profile}} (a brace of the text "
+                "itself is written {{ or }})"
+            ) from None
     if isinstance(value, list):
-        return [_fill(v, context) for v in value]
+        return [_fill(v, context, where) for v in value]
     if isinstance(value, dict):
-        return {k: _fill(v, context) for k, v in value.items()}
+        return {k: _fill(v, context, where) for k, v in value.items()}
     return value
 
 
@@ -68,7 +84,27 @@ TOP_LEVEL_KEYS = ("profile", "description", "results_dir", "defaults", "runs", "
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML with 1.2's numbers: ``1e-3`` is a float (YAML 1.1, PyYAML's default, reads it as text)."""
+    """YAML with 1.2's numbers: ``1e-3`` is a float (YAML 1.1, PyYAML's default, reads it as text); a key given twice
+    in one mapping, at any depth, is a ``StudyConfigError`` naming the key, the file and both lines (PyYAML keeps
+    the later value silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults": its keys may be overridden
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class names it
+                continue
+            if first is not None:
+                raise StudyConfigError(
+                    f"{key_node.start_mark.name}: line {line}: key {key!r} is given twice (first on line {first}); "
+                    "the later value would silently win"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -83,10 +119,13 @@ def _check_types(path: Path, where: str, notebook: str, params: dict[str, Any]) 
     defaults = parameter_defaults(NOTEBOOKS / f"{notebook}.ipynb")
     for name, value in params.items():
         try:
-            also = ALSO_ACCEPTED.get(name, ()) if notebook == "04_lm_alignment" else ()
-            check_like_default(f"parameter {name!r} of {notebook}", value, defaults.get(name), also)
+            also = ALSO_ACCEPTED.get(name, ())
+            default = defaults.get(name)
+            if default in also and isinstance(value, bool):  # bf16: "auto" by default, True or False by choice
+                continue
+            check_like_default(f"parameter {name!r} of {notebook}", value, default, also)
         except ValueError as err:
-            raise StudyError(f"{path}: {where}: {err}") from None
+            raise StudyConfigError(f"{path}: {where}: {err}") from None
 
 
 def _check_lm_runs(path: Path, runs: list[Run]) -> None:
@@ -100,10 +139,10 @@ def _check_lm_runs(path: Path, runs: list[Run]) -> None:
         try:
             config = RunConfig.from_flat(defaults | run.parameters)
         except (ValueError, TypeError, KeyError) as err:
-            raise StudyError(f"{path}: run {run.name!r}: {err}") from None
+            raise StudyConfigError(f"{path}: run {run.name!r}: {err}") from None
         folder = str(config.run_dir())
         if folder in seen:
-            raise StudyError(
+            raise StudyConfigError(
                 f"{path}: runs {seen[folder]!r} and {run.name!r} are the same run (every knob that changes a result "
                 f"agrees, one folder {config.name()}): list it once"
             )
@@ -121,40 +160,16 @@ def run_folders_written(outputs: list[str], results: Path) -> list[str]:
     return sorted(folders)
 
 
-def recorded_run_folders(record: str | Path, notebook: str = "04_lm_alignment") -> list[str]:
-    """The names of the run folders that ``notebook``'s runs of a study wrote, as the runner recorded them in its
-    ``study-<profile>.json`` (``record``): what a profile's report reads, so that runs of other configs left in the
-    same results folder (an earlier config's, committed or not) are never mixed into its tables."""
-    path = resolve(record)
-    if not path.is_file():
-        raise StudyError(f"{record}: no record of the study's runs (the runner writes it: python -m studylib study)")
-    runs = [r for r in json.loads(path.read_text()).get("runs", {}).values() if r.get("notebook") == notebook]
-    return sorted(Path(folder).name for r in runs for folder in r.get("run_folders", []))
-
-
 RUN_CHECKS = {"04_lm_alignment": _check_lm_runs}
 """Notebooks whose runs are checked further when a config loads, by what the notebook runs."""
 
 
 def parameter_defaults(path: Path) -> dict[str, Any]:
-    """The names a notebook's ``parameters`` cell assigns, in order, each with its literal default (None where the
-    value is not a literal), as papermill reads them (``papermill.inspect_notebook``: the cell is parsed, not run)."""
-    import papermill
-
-    found = papermill.inspect_notebook(str(path))
-    if not found and not any("parameters" in c.get("metadata", {}).get("tags", []) for c in _cells(path)):
-        raise StudyError(f"{path} has no cell tagged 'parameters'")  # papermill says {} for that too
-    defaults: dict[str, Any] = {}
-    for name, parameter in found.items():
-        try:
-            defaults[name] = ast.literal_eval(parameter["default"])
-        except (ValueError, SyntaxError):
-            defaults[name] = None
-    return defaults
-
-
-def _cells(path: Path) -> list[dict]:
-    return json.loads(path.read_text())["cells"]
+    """``stamps.parameter_defaults``, a notebook without a ``parameters`` cell being a bad config."""
+    try:
+        return stamps.parameter_defaults(path)
+    except LookupError as err:
+        raise StudyConfigError(str(err)) from None
 
 
 def notebook_parameters(path: Path) -> tuple[str, ...]:
@@ -162,19 +177,11 @@ def notebook_parameters(path: Path) -> tuple[str, ...]:
     return tuple(parameter_defaults(path))
 
 
-def notebook_stamp(notebook: str, namespace: Mapping[str, Any], seed: Any = None) -> dict[str, Any]:
-    """A notebook's stamp for ``studylib.results``: its name, the values its parameters cell defines (read from
-    ``namespace``, the notebook's globals; ``out_dir`` left out), and the seed."""
-    names = notebook_parameters(NOTEBOOKS / f"{notebook}.ipynb")
-    params = {name: namespace[name] for name in names if name != "out_dir"}
-    return {"notebook": notebook, "params": params, "seed": seed}
-
-
 def _check_parameters(path: Path, where: str, notebook: str, names: Any) -> None:
     accepted = notebook_parameters(NOTEBOOKS / f"{notebook}.ipynb")
     unknown = sorted(set(names) - set(accepted))
     if unknown:
-        raise StudyError(
+        raise StudyConfigError(
             f"{path}: {where}: notebook {notebook!r} has no parameter(s) {unknown}; "
             f"its parameters cell defines: {', '.join(accepted)}"
         )
@@ -185,76 +192,170 @@ def _slug(value: Any) -> str:
 
 
 def load_study(profile: str, results_dir: str | Path | None = None) -> tuple[dict, list[Run]]:
-    """Read and validate ``studies/<profile>.yaml``; return its header and the expanded list of runs."""
-    studies_dir = STUDIES
-    path = studies_dir / f"{profile}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in studies_dir.glob("*.yaml"))
-        raise StudyError(f"no study profile {profile!r} (no {path}); known profiles: {', '.join(known)}")
-    try:
-        with path.open() as handle:  # a file stream: YAML's errors name the file, not "<unicode string>"
-            config = yaml.load(handle, Loader=_Loader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as err:
-        raise StudyError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(config, dict):
-        raise StudyError(f"{path}: expected a mapping with 'profile' and 'runs', got {type(config).__name__}")
-    for key in ("profile", "runs"):
-        if key not in config:
-            raise StudyError(f"{path}: missing key {key!r}")
-    unknown = sorted(set(config) - set(TOP_LEVEL_KEYS))
-    if unknown:
-        raise StudyError(f"{path}: unknown key(s) {unknown}; accepted: {', '.join(TOP_LEVEL_KEYS)}")
-    for notebook, defaults in config.get("defaults", {}).items():
-        if not (NOTEBOOKS / f"{notebook}.ipynb").exists():
-            raise StudyError(
-                f"{path}: defaults name notebook {notebook!r}, but notebooks/{notebook}.ipynb does not exist"
-            )
-        _check_parameters(path, "defaults", notebook, defaults)
-    results_dir = Path(results_dir or config.get("results_dir", "results"))
-    if not results_dir.is_absolute():
-        results_dir = ROOT / results_dir
-    # notebooks run with the repository root as working directory: keep paths inside it relative, so
-    # executed notebooks and stamps name no machine's paths
-    shown = results_dir.relative_to(ROOT) if results_dir.is_relative_to(ROOT) else results_dir
+    """Read and validate ``studies/<profile>.yaml``; return its header and the expanded list of runs.
+
+    Every mistake in the file is a ``StudyConfigError`` naming the file and the line, run, key or parameter, raised
+    before anything runs or is written. Relative paths: ``results_dir`` given here (``--results-dir`` on the command
+    line) is relative to the working directory, as any path on a command line; the YAML's own paths (its
+    ``results_dir`` and every path among the parameters) are relative to the repository root, the working directory
+    its notebooks run in. Notebooks get the results folder relative to the root where it lies inside it (executed
+    notebooks and stamps then name no path of the machine), absolute elsewhere.
+    """
+    path = STUDIES / f"{profile}.yaml"
+    config = _read_config(path, profile)
+    _check_shape(path, config)
+    results = _results_folder(path, config, results_dir)
+    shown = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results
     context = {"results_dir": str(shown), "profile": profile}
-    runs: list[Run] = []
-    for i, spec in enumerate(config["runs"]):
-        unknown = set(spec) - {"notebook", "name", "parameters", "grid"}
-        if unknown or "notebook" not in spec:
-            raise StudyError(f"{path}: run {i} needs 'notebook' and may have name/parameters/grid; got {sorted(spec)}")
-        notebook = spec["notebook"]
-        if not (NOTEBOOKS / f"{notebook}.ipynb").exists():
-            raise StudyError(
-                f"{path}: run {i} names notebook {notebook!r}, but notebooks/{notebook}.ipynb does not exist"
-            )
-        base = {**config.get("defaults", {}).get(notebook, {}), **spec.get("parameters", {})}
-        grid = spec.get("grid", {})
-        keys = list(grid)
-        for combo in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
-            params, suffix = dict(base), ""
-            for key, value in zip(keys, combo, strict=True):
-                if isinstance(value, dict):  # a bundle of parameters, e.g. a method and its knobs
-                    if "name" not in value:
-                        raise StudyError(f"{path}: run {i}: grid {key!r} entries that are mappings need a 'name'")
-                    params.update({k: v for k, v in value.items() if k != "name"})
-                    value = value["name"]
-                else:
-                    params[key] = value
-                suffix += f"-{key}={_slug(value)}"
-            name = f"{spec.get('name', notebook)}{suffix}"
-            _check_parameters(path, f"run {name!r}", notebook, params)
-            params = _fill(params, context)
-            _check_types(path, f"run {name!r}", notebook, params)
-            runs.append(Run(notebook, name, params))
+    for entry in config.get("compare", []):
+        _fill(entry if isinstance(entry, str) else entry["path"], context, f"{path}: compare")
+    runs = [run for i, spec in enumerate(config["runs"]) for run in _expand(path, i, spec, config, context)]
     for notebook, check in RUN_CHECKS.items():
         if any(r.notebook == notebook for r in runs):
             check(path, [r for r in runs if r.notebook == notebook])
     names = [r.name for r in runs]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
-        raise StudyError(f"{path}: run names repeat: {sorted(duplicates)}; give the runs distinct 'name's")
-    header = {k: v for k, v in config.items() if k != "runs"} | {"results_dir": str(results_dir)}
+        raise StudyConfigError(f"{path}: run names repeat: {sorted(duplicates)}; give the runs distinct 'name's")
+    header = {k: v for k, v in config.items() if k != "runs"} | {"results_dir": str(results)}
     return header, runs
+
+
+def _read_config(path: Path, profile: str) -> Any:
+    if not path.exists():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise StudyConfigError(f"no study profile {profile!r} (no {path}); known profiles: {', '.join(known)}")
+    try:
+        with path.open("rb") as handle:  # a file stream: YAML's errors name the file; bytes: it names bad UTF-8
+            return yaml.load(handle, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as err:
+        raise StudyConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+def _check_shape(path: Path, config: Any) -> None:
+    """The top level of a study config: its keys, ``runs`` a non-empty list, ``defaults`` a mapping of notebook to
+    parameters, ``compare`` a list of table paths (or of ``{path, keys}``)."""
+    if not isinstance(config, dict):
+        raise StudyConfigError(f"{path}: expected a mapping with 'profile' and 'runs', got {type(config).__name__}")
+    for key in ("profile", "runs"):
+        if key not in config:
+            raise StudyConfigError(f"{path}: missing key {key!r}")
+    unknown = sorted(set(config) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise StudyConfigError(f"{path}: unknown key(s) {unknown}; accepted: {', '.join(TOP_LEVEL_KEYS)}")
+    if not isinstance(config["runs"], list):
+        raise StudyConfigError(f"{path}: 'runs' must be a list of runs, got {_short(config['runs'])}")
+    if not config["runs"]:
+        raise StudyConfigError(f"{path}: 'runs' is empty: nothing to run")
+    defaults = config.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise StudyConfigError(
+            f"{path}: 'defaults' must be a mapping of notebook to parameters, got {_short(defaults)}"
+        )
+    for notebook, params in defaults.items():
+        if not (NOTEBOOKS / f"{notebook}.ipynb").exists():
+            raise StudyConfigError(
+                f"{path}: defaults name notebook {notebook!r}, but notebooks/{notebook}.ipynb does not exist"
+            )
+        if not isinstance(params, dict):
+            raise StudyConfigError(
+                f"{path}: defaults of {notebook!r} must be a mapping of parameters, got {_short(params)}"
+            )
+        _check_parameters(path, "defaults", notebook, params)
+    compare = config.get("compare", [])
+    tables = isinstance(compare, list) and all(
+        isinstance(e, str) or (isinstance(e, dict) and isinstance(e.get("path"), str)) for e in compare
+    )
+    if not tables:
+        raise StudyConfigError(f"{path}: 'compare' must be a list of table paths (or of {{path, keys}} mappings)")
+
+
+def _results_folder(path: Path, config: dict, given: str | Path | None) -> Path:
+    """The study's results folder, absolute: ``given`` (relative to the working directory) or the YAML's
+    ``results_dir`` (relative to the repository root); refused if it is a file or the repository's root."""
+    if given:
+        folder = Path(given).expanduser()
+    else:
+        folder = config.get("results_dir", "results")
+        if not isinstance(folder, str) or not folder.strip():
+            raise StudyConfigError(
+                f"{path}: 'results_dir' must be a folder (relative to the repository root), got {folder!r}"
+            )
+        folder = ROOT / folder
+    folder = Path(os.path.abspath(folder))
+    if folder == ROOT:
+        raise StudyConfigError(
+            f"{path}: the results folder {folder} is the repository's root: executed notebooks would overwrite "
+            "its notebooks/"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise StudyConfigError(f"{path}: the results folder {folder} is a file")
+    return folder
+
+
+def _expand(path: Path, i: int, spec: Any, config: dict, context: dict[str, str]) -> list[Run]:
+    """Run ``i`` of a config (``spec``), checked and expanded over its grid: one ``Run`` per combination."""
+    if not isinstance(spec, dict):
+        raise StudyConfigError(f"{path}: run {i} must be a mapping with a 'notebook', got {_short(spec)}")
+    unknown = set(spec) - {"notebook", "name", "parameters", "grid"}
+    if unknown or "notebook" not in spec:
+        raise StudyConfigError(
+            f"{path}: run {i} needs 'notebook' and may have name/parameters/grid; got {sorted(map(str, spec))}"
+        )
+    notebook = spec["notebook"]
+    if not isinstance(notebook, str) or not (NOTEBOOKS / f"{notebook}.ipynb").exists():
+        raise StudyConfigError(
+            f"{path}: run {i} names notebook {notebook!r}, but notebooks/{notebook}.ipynb does not exist"
+        )
+    prefix = spec.get("name", notebook)
+    if not isinstance(prefix, str):
+        raise StudyConfigError(f"{path}: run {i}: 'name' must be a string, got {_short(prefix)}")
+    where = f"{path}: run {i} ({prefix!r})"
+    parameters, grid = spec.get("parameters", {}), _grid(where, spec.get("grid", {}))
+    if not isinstance(parameters, dict):
+        raise StudyConfigError(f"{where}: 'parameters' must be a mapping, got {_short(parameters)}")
+    base = {**config.get("defaults", {}).get(notebook, {}), **parameters}
+    runs = []
+    for combo in itertools.product(*grid.values()):  # no grid: one empty combination
+        params, suffix = dict(base), ""
+        for key, value in zip(grid, combo, strict=True):
+            if isinstance(value, dict):  # a bundle of parameters, e.g. a method and its knobs
+                if "name" not in value:
+                    raise StudyConfigError(f"{where}: grid {key!r} entries that are mappings need a 'name'")
+                params.update({k: v for k, v in value.items() if k != "name"})
+                value = value["name"]
+            else:
+                params[key] = value
+            suffix += f"-{key}={_slug(value)}"
+        name = f"{prefix}{suffix}"
+        if not plain_name(name):
+            raise StudyConfigError(
+                f"{where}: the run's name {name!r} must be one plain file name inside the notebooks folder (no '/', "
+                "'\\', '..' or absolute path): its executed notebook and stamp are named by it"
+            )
+        _check_parameters(path, f"run {name!r}", notebook, params)
+        params = {k: _fill(v, context, f"{path}: run {name!r}: parameter {k!r}") for k, v in params.items()}
+        _check_types(path, f"run {name!r}", notebook, params)
+        runs.append(Run(notebook, name, params))
+    return runs
+
+
+def _grid(where: str, grid: Any) -> dict[str, list]:
+    """A run's grid, checked: a mapping of parameter to a non-empty list of values (an empty one expands to nothing,
+    a scalar is not a grid, and a string would be iterated letter by letter)."""
+    if not isinstance(grid, dict):
+        raise StudyConfigError(f"{where}: grid must be a mapping of parameter to a list of values, got {_short(grid)}")
+    for key, values in grid.items():
+        if not isinstance(values, list):
+            raise StudyConfigError(f"{where}: grid {key!r} must be a list of values, got {_short(values)}")
+        if not values:
+            raise StudyConfigError(f"{where}: grid {key!r} is an empty list: the run would expand to no notebook")
+    return grid
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 TEXT_MIME = ("text/", "application/json", "application/javascript", "image/svg+xml")
@@ -332,8 +433,15 @@ def _export_html(notebook_path: Path) -> None:
     write_atomic(notebook_path.with_suffix(".html"), body)
 
 
+KERNEL_QUIET = ["--IPKernelApp.log_level=CRITICAL"]
+"""The kernel's own log stays out of the study's output: its warning that it talks to papermill over plain TCP (on
+this machine's loopback), once per notebook, and the error it logs for the interrupt papermill sends it at shutdown
+say nothing about the notebook. A cell's error and a kernel that dies still reach the runner through papermill."""
+
+
 def execute_run(run: Run, out_dir: Path, kernel_name: str = "python3") -> Path:
-    """Execute one run with papermill into ``out_dir``; a failure leaves ``<name>.failed.ipynb`` and raises."""
+    """Execute one run with papermill into ``out_dir`` (the kernel's own log silenced: ``KERNEL_QUIET``); a failure
+    leaves ``<name>.failed.ipynb`` and raises."""
     import papermill
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -348,6 +456,7 @@ def execute_run(run: Run, out_dir: Path, kernel_name: str = "python3") -> Path:
             kernel_name=kernel_name,
             cwd=str(ROOT),
             progress_bar=False,
+            extra_arguments=KERNEL_QUIET,
         )
     except Exception:
         if partial.exists():
@@ -367,10 +476,12 @@ def _mtimes(root: Path) -> dict[Path, int]:
 
 
 def is_complete(run: Run, stamp: Path, out_dir: Path) -> bool:
-    """A run is complete when this machine ran it with these parameters and every file it wrote is still there.
+    """A run is complete when this machine ran it with these parameters, every file it wrote is still there, and
+    none of its sources (the code, data and tables it read: ``studylib.provenance``) has changed since.
 
-    The stamp (``<run>.done``, never committed) records the parameters and the outputs; a fresh clone has
-    none, so it runs everything; a deleted output makes its run stale, so it is rebuilt.
+    The stamp (``<run>.done``, never committed) records the parameters, the outputs and the sources; a fresh
+    clone has none, so it runs everything; a deleted output or an edited source makes its run stale, so it is
+    rebuilt.
     """
     if not stamp.is_file() or not (out_dir / f"{run.name}.ipynb").is_file():
         return False
@@ -378,7 +489,20 @@ def is_complete(run: Run, stamp: Path, out_dir: Path) -> bool:
     if "outputs" not in record:  # a stamp of the old kind, which knew nothing of outputs: run again
         return False
     outputs = [ROOT / o for o in record["outputs"]]
-    return record.get("parameters") == run.parameters and all(o.is_file() and readable(o) for o in outputs)
+    if record.get("parameters") != run.parameters or not all(o.is_file() and readable(o) for o in outputs):
+        return False
+    return isinstance(record.get("sources"), dict) and not provenance.changed_sources(record["sources"], ROOT)
+
+
+def is_current(run: Run, entry: Mapping[str, Any] | None, out_dir: Path) -> bool:
+    """A run whose recorded result (its ``entry`` in ``study-<profile>.json``, committed) is up to date: made with
+    these parameters from sources that have not changed since (``provenance.stale_reasons``), its executed notebook
+    and every output still there and reading back. ``make study`` on a fresh clone skips such runs, as make skips
+    a target newer than its sources; ``--force`` runs them anyway."""
+    if not entry or provenance.stale_reasons(run.parameters, entry, ROOT):
+        return False
+    outputs = [ROOT / o for o in entry.get("outputs", [])]
+    return (out_dir / f"{run.name}.ipynb").is_file() and all(readable(o) for o in outputs)
 
 
 def readable(path: Path) -> bool:
@@ -412,11 +536,27 @@ def machine() -> dict[str, Any]:
 
 
 def _write_summary(path: Path, profile: str, runs: dict[str, dict], names: list[str]) -> None:
-    """``study-<profile>.json``: one entry per run of the profile, in its order (status, seconds, commit, machine,
-    and the run folders a run wrote), and the total seconds of the recorded runs."""
+    """``study-<profile>.json``: one entry per run of the profile, in its order (status, seconds, commit, the one
+    machine its seconds were measured on, its parameters, outputs and sources, and the run folders it wrote), and
+    ``seconds_by_machine``: the seconds of the recorded runs summed per machine, naming the runs each sum holds
+    (never one total over machines)."""
     ordered = {name: runs[name] for name in names if name in runs}
-    total = round(sum(r.get("seconds", 0.0) for r in ordered.values()), 1)
-    write_atomic(path, json.dumps({"profile": profile, "seconds_of_recorded_runs": total, "runs": ordered}, indent=2))
+    by_machine: dict[str, dict[str, Any]] = {}
+    for name, entry in ordered.items():
+        if entry.get("seconds") is not None:
+            total = by_machine.setdefault(machine_label(entry.get("machine")), {"seconds": 0.0, "runs": []})
+            total["seconds"] = round(total["seconds"] + entry["seconds"], 1)
+            total["runs"].append(name)
+    summary = {"profile": profile, "seconds_by_machine": by_machine, "runs": ordered}
+    write_atomic(path, json.dumps(summary, indent=2))
+
+
+def machine_label(recorded: Mapping[str, Any] | None) -> str:
+    """One line naming a recorded ``machine()``: processor, cores and native bf16 (``unrecorded`` if none)."""
+    if not recorded:
+        return "unrecorded machine"
+    bf16 = "native bf16" if recorded.get("native_bf16") else "no native bf16"
+    return f"{recorded.get('processor')}, {recorded.get('cores')} cores, {bf16}"
 
 
 def time_left(seconds: Mapping[str, float | None], names: list[str]) -> str:
@@ -461,10 +601,11 @@ def run_study(
     for i, run in enumerate(progress):
         progress.set_postfix_str(f"{run.name}; {time_left(timed_before, [r.name for r in runs[i:]])}")
         stamp = out_dir / f"{run.name}.done"
-        if not force and is_complete(run, stamp, out_dir):
+        if not force and (is_complete(run, stamp, out_dir) or is_current(run, previous.get(run.name), out_dir)):
             entry = previous.setdefault(run.name, {"notebook": run.notebook})
             entry["status"] = "complete, skipped"
-            entry.setdefault("run_folders", run_folders_written(json.loads(stamp.read_text())["outputs"], results))
+            outputs = json.loads(stamp.read_text())["outputs"] if stamp.is_file() else entry.get("outputs", [])
+            entry.setdefault("run_folders", run_folders_written(outputs, results))
             _write_summary(summary_path, profile, previous, all_names)
             continue
         before, t0 = _mtimes(results), time.time()
@@ -486,11 +627,13 @@ def run_study(
             _export_html(path)
         seconds = round(time.time() - t0, 1)
         outputs = sorted(_shown(p) for p, m in _mtimes(results).items() if before.get(p) != m)
+        sources = provenance.run_sources(run.notebook, outputs, ROOT)
         record = {"parameters": run.parameters, "seconds": seconds, "commit": commit, "outputs": outputs}
-        write_atomic(stamp, json.dumps(record, indent=2))
+        write_atomic(stamp, json.dumps(record | {"sources": sources}, indent=2))
         previous[run.name] = {"notebook": run.notebook, "status": "executed", "seconds": seconds, "commit": commit}
         previous[run.name]["machine"] = here  # what these seconds were measured on
         previous[run.name]["run_folders"] = run_folders_written(outputs, results)  # what the report reads
+        previous[run.name] |= {"parameters": run.parameters, "outputs": outputs, "sources": sources}
         executed.append(run.name)
         _write_summary(summary_path, profile, previous, all_names)  # after each run: a later one (05) reads it
     if executed and header.get("compare"):
@@ -507,3 +650,30 @@ def run_study(
     if failures:
         raise StudyError(f"{len(failures)} notebook(s) failed:\n" + "\n".join(failures))
     return executed
+
+
+def stale_runs(profile: str, results_dir: str | Path | None = None) -> dict[str, list[str]]:
+    """Every run of a profile whose committed result no longer matches what would make it now, with the reasons
+    (``provenance.stale_reasons``: never run, sources not recorded, parameters, a changed or missing source or
+    output), read from the committed ``study-<profile>.json``; runs that are current are left out."""
+    header, runs = load_study(profile, results_dir)
+    path = Path(header["results_dir"]) / f"study-{profile}.json"
+    recorded = json.loads(path.read_text()).get("runs", {}) if path.is_file() else {}
+    stale = {}
+    for run in runs:
+        reasons = provenance.stale_reasons(run.parameters, recorded.get(run.name), ROOT)
+        if reasons:
+            stale[run.name] = reasons
+    return stale
+
+
+def elsewhere(profile: str, results_dir: str | Path | None = None) -> dict[str, str]:
+    """The runs of a profile whose recorded time was measured on another kind of machine than this one, by run:
+    the machine's label (``machine_label``). A result's numbers do not depend on the processor, except through
+    ``bf16: auto``'s choice of precision, which the label names."""
+    header, runs = load_study(profile, results_dir)
+    path = Path(header["results_dir"]) / f"study-{profile}.json"
+    recorded = json.loads(path.read_text()).get("runs", {}) if path.is_file() else {}
+    here = machine_label(machine())
+    labels = {run.name: machine_label(recorded.get(run.name, {}).get("machine")) for run in runs}
+    return {name: label for name, label in labels.items() if label != here and name in recorded}

@@ -1,6 +1,7 @@
 """The study in one table: each method's target and assumption (the theory, docs/STUDY.md), beside what the toy
-study measured (slopes, gradient norms) and what the language-model runs measured (win rate with an interval,
-KL), grouped as density-ratio methods, distribution learning and baselines. Notebook 05 shows it.
+study measured (slopes, gradient norms) and what the language-model runs measured (win rate, KL from the reference
+and the distance to the target ``p+``, each with an interval), grouped as density-ratio methods, distribution
+learning and baselines. Notebook 05 shows it.
 """
 
 from __future__ import annotations
@@ -44,22 +45,30 @@ def _toy_columns(slopes: pd.DataFrame, spread: pd.DataFrame | None) -> dict[str,
     return out
 
 
-def _lm_columns(runs: pd.DataFrame) -> dict[str, dict[str, str]]:
-    """Win rate and KL with 95% bootstrap intervals over prompts (``report.method_table``), on the data set with the
-    most runs (named in the column)."""
-    from studylib.report import method_table
-
-    table = method_table(runs)
+def lm_columns(table: pd.DataFrame) -> dict[str, dict[str, str]]:
+    """Per method, from the sampled LM's method table (``report.method_table``) on the data set with the most runs
+    (named in the column): the win rate, ``KL(pi || pi_ref)`` and, where measured, the distance to the target
+    ``KL(p+ || pi)`` beside the reference's, each with its 95% bootstrap interval over prompts."""
     dataset = table["dataset"].value_counts().idxmax()
     out = {}
     for _, row in table[table["dataset"] == dataset].iterrows():
-        seeds = len(row["seeds"].split(","))
-        out[method_key(row["method"])] = {
+        seeds = len(str(row["seeds"]).split(","))
+        columns = {
             f"LM win rate [95% interval], {dataset}": (
                 f"{row['win_rate']:.2f} [{row['win_rate_low']:.2f}, {row['win_rate_high']:.2f}] ({seeds} seeds)"
             ),
-            f"LM KL (nats) [95% interval], {dataset}": f"{row['kl']:.2f} [{row['kl_low']:.2f}, {row['kl_high']:.2f}]",
+            f"LM KL(pi || pi_ref) (nats) [95% interval], {dataset}": (
+                f"{row['kl']:.2f} [{row['kl_low']:.2f}, {row['kl_high']:.2f}]"
+            ),
         }
+        if "kl_to_target" in row and pd.notna(row["kl_to_target"]):
+            low, high = row["kl_to_target_gain_low"], row["kl_to_target_gain_high"]
+            moved = "closer to p+" if low > 0 else "further from p+" if high < 0 else "not told from the reference"
+            columns[f"LM KL(p+ || pi) (nats) [95% interval], {dataset}"] = (
+                f"{row['kl_to_target']:.2f} [{row['kl_to_target_low']:.2f}, {row['kl_to_target_high']:.2f}] against "
+                f"the reference's {row['reference_kl_to_target']:.2f}: {moved}"
+            )
+        out[method_key(row["method"])] = columns
     return out
 
 
@@ -81,11 +90,14 @@ def summary_table(
     falls: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per method: family, target, assumption, the toy's slopes per setting, T4's gradient norms, the
-    language model's exact falls per setting (notebook 06's ``falls.csv``), the sampled LM runs' win rate and KL.
-    Empty cells: the method is not part of that experiment."""
+    language model's exact falls per setting (notebook 06's ``falls.csv``), the sampled LM runs' win rate,
+    ``KL(pi || pi_ref)`` and ``KL(p+ || pi)`` (``lm_columns``). Empty cells: the method is not part of that
+    experiment."""
+    from studylib.report import method_table
+
     toy = _toy_columns(slopes, spread)
     exact = _exact_columns(falls) if falls is not None else {}
-    lm = _lm_columns(runs) if runs is not None and len(runs) else {}
+    lm = lm_columns(method_table(runs)) if runs is not None and len(runs) else {}
     rows = []
     for key in ORDER:
         if key not in toy and key not in lm and key not in exact:

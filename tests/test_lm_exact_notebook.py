@@ -83,6 +83,7 @@ def test_notebook_writes_the_tables_and_figures(tmp_path):
         stamp = json.loads(png.with_name(png.name + ".json").read_text())
         assert stamp["params"]["log2_sizes"] == [8, 9, 11] and stamp["seed"]["data_seeds"] == [0, 1]
         assert stamp["seed"]["init_seeds"] == [1000, 1001]
+        assert stamp["precision"] == {"frozen_pass_bf16": False, "why": "bf16: false in the config"}
     executed = nbformat.read(output, as_version=4)
     shown = "\n".join(
         o["data"]["text/markdown"]
@@ -92,6 +93,7 @@ def test_notebook_writes_the_tables_and_figures(tmp_path):
         if "data" in o and "text/markdown" in o["data"]
     )
     assert "- **S1**: DDRO" in shown and "Floors (rule 1: each seed's best fit over the rates): S1 0.03 x 2" in shown
+    assert "The adapter (rank 16) has " in shown and " trainable parameters for " in shown
 
 
 def test_notebook_is_stored_clean_and_holds_the_story():
@@ -102,3 +104,18 @@ def test_notebook_is_stored_clean_and_holds_the_story():
     assert "$" in text and "README.md" in text and any(c.source.startswith("## Conclusion") for c in nb.cells)
     code = [c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])]
     assert max(c.source.count("\n") + 1 for c in code) <= 15
+
+
+def test_the_frozen_pass_defaults_to_bf16_only_where_the_processor_runs_it_natively():
+    from studylib.lm.runtime import cpu_bf16_support
+    from studylib.lm_exact.experiment import frozen_pass_precision
+    from studylib.study import load_study, parameter_defaults
+
+    assert parameter_defaults(NOTEBOOK)["bf16"] == "auto"
+    native, why = cpu_bf16_support()
+    assert frozen_pass_precision("auto") == (native, f"bf16: auto, {why}")
+    assert frozen_pass_precision(False) == (False, "bf16: false in the config")
+    assert frozen_pass_precision(True)[0] is True  # forced: obeyed (with a warning where the CPU has no native bf16)
+    for profile in ("cpu", "smoke"):  # the runner type-checks what each profile passes notebook 06 against "auto"
+        _, runs = load_study(profile)
+        assert [r for r in runs if r.notebook == "06_lm_exact"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,81 @@ def test_carriage_returns_are_allowed_only_in_printed_output():
     assert not html_control_characters(f"{stream}\rsampling:  50%\r</pre>\n<p>$\\rho$</p>")
     assert html_control_characters(f"{stream}\rsampling\x08</pre>")  # only the carriage return is allowed there
     assert html_control_characters(f"{stream}\rsampling</pre>\n<p>$\rho$</p>")  # a lost backslash, in Markdown
+
+
+RESULT_NUMBER = re.compile(
+    r"(?<![\w.])[-+−]?\d+\.\d+(?:\s?[x×])?(?![\w.])|\[\s*[-+−]?\d*\.?\d+\s*,\s*[-+−]?\d*\.?\d+\s*\]"
+)
+"""A decimal number (``0.474``, ``−0.6``), a decimal factor (``12.2x``) or an interval (``[0.36, 0.56]``)."""
+STATED_NOT_MEASURED = (
+    "preferred fraction 0.2",  # S2's design (studylib.toy.problems)
+    "preferred fraction $0.2$",
+    "q / 0.2",
+    "classes 0.2 : 0.8",
+    "\\gamma = 0.5",  # S3's design
+    "below −0.5",  # the toy's rule for "converges"
+    "contains 0.5",  # a win rate's tie
+    "within 0.01 nats",  # the pilot's tie rule
+    "\\log 10 = 2.30",  # the uniform entropy over 10 candidates
+)
+"""Numbers notebook prose may state: the settings' parameters, the rules' thresholds, a formula's value."""
+
+
+def result_numbers(markdown: str) -> list[str]:
+    """The decimal numbers, factors and intervals of ``markdown`` outside ``STATED_NOT_MEASURED``, with context."""
+    text = " ".join(markdown.split())
+    for allowed in STATED_NOT_MEASURED:
+        text = text.replace(allowed, " ")
+    return [repr(text[max(0, m.start() - 40) : m.end() + 10]) for m in RESULT_NUMBER.finditer(text)]
+
+
+SOURCES = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=_ids(SOURCES))
+def test_notebook_prose_states_no_result_number(path: Path):
+    """Prose prints its numbers from code or states none: a rerun with other results cannot leave it wrong."""
+    found = [n for source in markdown_sources(path) for n in result_numbers(source)]
+    assert not found, f"{path.relative_to(ROOT)}: result numbers in Markdown (print them from code): {found}"
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("falls at slope −0.6, not −1", True),
+        ("accuracy 0.474 on held-out pairs", True),
+        ("S1 12.2x [11.3, 13.9]", True),
+        ("an interval [0.36, 0.56] over prompts", True),
+        ("DDRO at $\\epsilon = 0.05$", True),
+        ("preferred fraction 0.2 in every prompt, $\\gamma = 0.5$", False),
+        ("when its slope is\nbelow −0.5 and its limit is 0; a fall at or above 3x", False),
+        ("$10^{-4}$ nats, $K = 10$, SmolLM2-135M, data/lm_exact/prompts.jsonl", False),
+    ],
+)
+def test_result_numbers_are_found(text: str, found: bool):
+    assert bool(result_numbers(text)) is found
+
+
+def test_paper_3s_target_is_defined_by_its_preference_model_not_by_a_reward():
+    """pi* is defined by P(a > b) = sigma(gamma log pi*(a)/pi*(b)) (notebooks 02 and 06), not pi_ref exp(r*/beta)."""
+    wrong = re.compile(
+        r"(π\*|\\pi\^\*|\\pi\^\{\*\})\s*(∝|\\propto)\s*(π_ref|\\pi_\{?\\mathrm\{ref\}\}?)\s*(\\,\s*)?(exp|e\^)"
+    )
+    for path in SOURCES:
+        for source in markdown_sources(path):
+            assert not wrong.search(source), f"{path.relative_to(ROOT)}: pi* written as pi_ref exp(r/beta)"
+
+
+def test_importing_the_library_in_a_kernel_without_ipywidgets_prints_no_tqdm_warning():
+    """tqdm.auto (transformers and the study runner import it) warns in a Jupyter kernel without ipywidgets, and the
+    warning landed in every executed notebook; the library drops that one warning, keeping tqdm's text bars."""
+    code = (
+        "import sys, types, warnings\n"
+        "import IPython\n"
+        "sys.modules['ipykernel.zmqshell'] = types.ModuleType('ipykernel.zmqshell')  # what tqdm takes for a kernel\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    import studylib, tqdm.auto\n"
+        "print([str(w.message) for w in caught if 'IProgress' in str(w.message)])\n"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == "[]", shown.stdout + shown.stderr

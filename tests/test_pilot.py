@@ -6,7 +6,14 @@ import pandas as pd
 import pytest
 
 from studylib.lm.memorisation import FRESH, SEEN, gap_label
-from studylib.pilot import chosen_training, memorisation_table, memorisation_verdict, pilot_table, pilot_verdict
+from studylib.pilot import (
+    chosen_training,
+    memorisation_against_reference,
+    memorisation_table,
+    memorisation_verdict,
+    pilot_table,
+    pilot_verdict,
+)
 
 
 def point(step: int, kl: float, gain_low: float, approval: float = 0.5) -> dict:
@@ -99,7 +106,8 @@ def memorisation_run(tmp_path, name: str, lora_r: int, completions: int, kl: lis
     return {"run": name, "run_dir": str(folder), "lora_r": lora_r, "completions_per_prompt": completions, "seed": 0,
             "training": {"training_rows": 160 * completions}, "steps": 80, "epochs": 320 / (40 * completions),
             "kl_to_target": mean, "kl_to_target_low": mean - 0.1, "kl_to_target_high": mean + 0.1,
-            "reference_kl_to_target": 0.9, "approval_gain": 0.0, "approval_gain_low": -0.1,
+            "reference_kl_to_target": 0.9, "kl_to_target_gain": 0.9 - mean, "kl_to_target_gain_low": 0.8 - mean,
+            "kl_to_target_gain_high": 1.0 - mean, "approval_gain": 0.0, "approval_gain_low": -0.1,
             "approval_gain_high": 0.1}  # fmt: skip
 
 
@@ -125,3 +133,20 @@ def test_the_memorisation_table_pairs_each_change_with_the_control_and_the_rule_
     assert verdict.endswith("Cured by 1 of 2 changes.")
     with pytest.raises(ValueError, match="exactly one control run"):
         memorisation_table(runs.iloc[1:])
+
+
+def test_the_memorisation_study_says_where_each_run_ended_against_the_reference(tmp_path):
+    runs = pd.DataFrame(
+        [
+            memorisation_run(tmp_path, "control", 16, 4, [1.0, 2.0], fresh_gap=-0.1),  # mean 1.5: further
+            memorisation_run(tmp_path, "small", 1, 4, [0.8, 1.0], fresh_gap=1.0),  # mean 0.9: gain [-0.1, 0.1]
+            memorisation_run(tmp_path, "more", 16, 8, [0.2, 0.4], fresh_gap=1.0),  # mean 0.3: closer
+        ]
+    )
+    table = memorisation_table(runs)
+    assert table.set_index("run").loc["more", "kl_to_target_gain"] == pytest.approx(0.6)
+    lines = memorisation_against_reference(table).splitlines()
+    assert lines[0].startswith("- r 16, 4 completions a prompt (the control): KL(p+ ‖ π) 1.500 against the ")
+    assert lines[0].endswith("gain -0.600 [-0.700, -0.500]: further from p+ than the reference")
+    assert lines[1].endswith("gain +0.600 [+0.500, +0.700]: closer to p+ than the reference")
+    assert lines[2].endswith(": not told from the reference") and lines[2].startswith("- r 1, 4 completions")

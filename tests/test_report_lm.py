@@ -4,12 +4,13 @@ difference from RDRO, the alpha sweep, and the sentences built from the interval
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from studylib import report
+from studylib import pilot, report
 
 
 def _run(root, name, loss, seed, win, logratio, alpha=None, sweep=False):
@@ -155,3 +156,89 @@ def test_a_runs_conclusion_says_how_far_it_got_toward_its_target():
                                                            "reward_accuracy_held_out_low": 0.6}}  # fmt: skip
     text = report.run_conclusion(record)
     assert "not measurably closer to its target" in text and "at chance" not in text
+    assert "80 optimizer steps (1 epoch of its rows)" in report.run_conclusion(record | {"epochs": 1.0})
+
+
+def test_a_runs_conclusion_counts_one_epoch_in_the_singular():
+    assert report.epochs_text(1.0) == "1 epoch" and report.epochs_text(2.0) == "2 epochs"
+    assert report.epochs_text(0.5) == "0.5 epochs" and report.epochs_text(1.004) == "1 epoch"
+
+
+COMMITTED = Path(__file__).resolve().parent.parent / "results" / "report" / "lm_methods.csv"
+
+
+def test_the_distance_to_the_target_is_plotted_per_method_against_the_reference_band():
+    table = pd.read_csv(COMMITTED)
+    fig = report.plot_kl_to_target(table)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == table["method"].tolist()
+    assert ax.get_ylabel().startswith("KL(p+ || policy), nats")
+    means = [line for line in ax.lines if line.get_marker() not in ("None", "", None, "_")]
+    assert sorted(round(float(m.get_ydata()[0]), 6) for m in means) == sorted(table["kl_to_target"].round(6))
+    band = ax.collections[1].get_paths()[0].vertices[:, 1]  # the first method's reference interval
+    assert band.min() == pytest.approx(table["reference_kl_to_target_low"].iloc[0])
+    assert band.max() == pytest.approx(table["reference_kl_to_target_high"].iloc[0])
+    further = table.loc[table["kl_to_target_gain_high"] < 0, "method"].tolist()
+    assert f"further: {', '.join(further)}" in ax.get_title()
+    frontier = report.plot_frontier(table).axes[0]
+    assert frontier.get_xlabel().startswith("KL(policy || reference), nats")
+    empty = report.plot_kl_to_target(table.drop(columns="kl_to_target")).axes[0]
+    assert "No run of this report measured KL(p+ || pi)" in empty.texts[0].get_text()
+
+
+def test_published_beside_ours_notes_a_method_that_drifted_at_a_rate_not_its_own():
+    table = pd.read_csv(COMMITTED)
+    runs = pd.DataFrame({"dataset": "offline", "loss": table["method"], "learning_rate": 3e-4, "sweep": False})
+    published = report.published_beside_ours(table, runs, tuned_on=["dpo", "rdro"])
+    pmle = table.set_index("method").loc["pmle"]
+    note = published.loc[published["method"] == "pmle", "our_note"].iloc[0]
+    assert "learning rate 0.0003, shared by every method, not chosen on pmle" in note and "it drifted" in note
+    assert f"KL(pi || pi_ref) {pmle['kl']:.2f} [{pmle['kl_low']:.2f}, {pmle['kl_high']:.2f}]" in note
+    assert "ordering against DPO is confounded" in note
+    dpo = published.loc[published["method"] == "dpo", "our_note"].iloc[0]
+    assert dpo.startswith("learning rate 0.0003, chosen by the pilot on dpo, rdro") and "drifted" not in dpo
+    assert (published.loc[published["our_win_rate_pct"].isna(), "our_note"] == "").all()
+    calm = table.assign(kl_low=0.1, kl_high=0.2)
+    assert "drifted" not in report.published_beside_ours(calm, runs, ["dpo", "rdro"])["our_note"].str.cat()
+
+
+def test_the_report_conclusion_is_written_from_the_tables():
+    table = pd.read_csv(COMMITTED)
+    ledger = pd.DataFrame({"claim": ["a holds", "b holds in part"], "verdict": ["supported", "partly"],
+                           "why": ["both agree", "only one agrees"]})  # fmt: skip
+    falls = pd.DataFrame({"split": ["heldout", "heldout", "train"], "setting": ["S1", "S3", "S1"],
+                          "method": ["DPO", "PMLE", "DPO"], "fall_seed0": [2.1, 11.0, 2.0],
+                          "fall_seed0_doubled": [3.1, 11.2, 2.0], "converged": [False, True, False]})  # fmt: skip
+    cures = pd.DataFrame({"lora_r": [16, 1], "completions_per_prompt": [4, 4], "control": [True, False],
+                          "kl_to_target": [1.4, 0.8], "reference_kl_to_target": [0.77, 0.77],
+                          "kl_to_target_gain": [-0.6, -0.04], "kl_to_target_gain_low": [-0.9, -0.13],
+                          "kl_to_target_gain_high": [-0.4, 0.06], "kl_minus_control": [0.0, -0.6],
+                          "kl_minus_control_low": [0.0, -0.9], "kl_minus_control_high": [0.0, -0.3],
+                          "fresh_gap": [0.1, 0.3], "fresh_gap_low": [-0.1, 0.1],
+                          "fresh_gap_high": [0.4, 0.4]})  # fmt: skip
+    text = report.conclusion(ledger, table, falls, pilot.memorisation_conclusion(cures))
+    assert "- a holds: **supported**\n" in text and "- b holds in part: **partly** (only one agrees)" in text
+    assert "for 1 of 2 methods" in text and "S1 DPO (2.1x -> 3.1x)" in text
+    least = table.loc[table["kl_to_target"].idxmin()]
+    assert f"Least far: {least['method']} ({least['kl_to_target']:.2f}" in text
+    further = table.loc[table["kl_to_target_gain_high"] < 0, "method"].tolist()
+    assert f"further: {', '.join(further)};" in text
+    assert "Cured by 1 of 1 changes." in text
+    assert "r 16, 4 completions a prompt (the control): KL(p+ ‖ π) 1.400" in text
+    assert "gain -0.600 [-0.900, -0.400]: further from p+ than the reference" in text
+    assert "gain -0.040 [-0.130, +0.060]: not told from the reference" in text
+    assert report.conclusion(None, table.drop(columns="kl_to_target")) == ""
+
+
+def test_the_summary_lists_each_sampled_methods_distance_to_the_target_beside_the_reference():
+    from studylib.summary import lm_columns
+
+    table = pd.read_csv(COMMITTED)
+    rdro = table.set_index("method").loc["rdro"]
+    cells = lm_columns(table)["rdro"]
+    kl = cells["LM KL(p+ || pi) (nats) [95% interval], offline"]
+    assert kl.startswith(f"{rdro['kl_to_target']:.2f} [{rdro['kl_to_target_low']:.2f}, ")
+    assert f"against the reference's {rdro['reference_kl_to_target']:.2f}: further from p+" in kl
+    assert cells["LM KL(pi || pi_ref) (nats) [95% interval], offline"].startswith(f"{rdro['kl']:.2f} [")
+    unmeasured = lm_columns(table.drop(columns="kl_to_target"))["rdro"]
+    assert "LM KL(p+ || pi) (nats) [95% interval], offline" not in unmeasured

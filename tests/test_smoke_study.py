@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import pandas as pd
 import pytest
 from watchdog import run_until_stalled
 
+from studylib import provenance
 from studylib.losses import available_losses
-from studylib.study import ROOT, recorded_run_folders
+from studylib.study import ROOT, recorded_run_folders, stale_runs
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +112,31 @@ def test_a_deleted_output_is_rebuilt(smoke):
     returncode, output = run_until_stalled(cmd, stall_seconds=600, cwd=ROOT, env=env)
     assert returncode == 0
     assert "executed 1 notebook(s)" in output and (results / "toy" / "t1_ratios.png").is_file()
+
+
+def test_every_run_records_its_sources_and_none_is_stale(smoke):
+    results, *_ = smoke
+    summary = json.loads((results / "study-smoke.json").read_text())
+    for name, entry in summary["runs"].items():
+        notebook = f"notebooks/{entry['notebook']}.ipynb"
+        assert notebook in entry["sources"] and "studylib/results.py" in entry["sources"], name
+        assert not any(path in entry["sources"] for path in entry["outputs"])  # what it wrote is not a source
+    assert stale_runs("smoke", results) == {}
+    (machine,) = summary["seconds_by_machine"].values()  # one machine ran them all: one sum, naming every run
+    assert sorted(machine["runs"]) == sorted(summary["runs"])
+
+
+def test_editing_a_module_makes_stale_only_the_runs_that_imported_it(smoke, tmp_path):
+    results, *_ = smoke
+    entries = json.loads((results / "study-smoke.json").read_text())["runs"]
+    for path in {p for e in entries.values() for p in e["sources"]}:  # a copy of every source, edited below
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / path, tmp_path / path)
+    edited = tmp_path / "studylib" / "toy" / "sweeps.py"
+    edited.write_text(edited.read_text() + "\nEDITED = True\n")
+    stale = {name for name, e in entries.items() if provenance.stale_reasons(e["parameters"], e, tmp_path)}
+    importers = {name for name, e in entries.items() if "studylib/toy/sweeps.py" in e["sources"]}
+    assert stale == importers and "02_consistency" in stale and "lm-method=dpo-seed=0" not in stale
+    assert provenance.stale_reasons({}, entries["02_consistency"] | {"parameters": {}}, tmp_path) == [
+        "studylib/toy/sweeps.py changed"
+    ]

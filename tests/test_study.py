@@ -212,7 +212,7 @@ def test_typos_fail_when_the_config_loads(sandbox, runs, top, message):
     write_profile(sandbox, runs, **top)
     with pytest.raises(study.StudyError, match=message):
         study.load_study("t")
-    assert main(["study", "--profile", "t", "--list"]) == 1  # --list catches them too, executing nothing
+    assert main(["study", "--profile", "t", "--list"]) == 2  # --list catches them too, executing nothing
 
 
 def test_yaml_numbers_types_and_syntax(sandbox):

@@ -382,3 +382,21 @@ def test_save_table_and_figure_write_stamped_files(tmp_path):
     plt.close(fig)
     assert figure["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(figure["json"].read_text())["seed"] == 7
+
+
+def test_every_infinite_data_limit_the_legend_promises_is_drawn_inside_the_axis():
+    """KTO's limit lies far above its curve (S1: 7.4 against a largest KL of 1.6): the axis reaches it."""
+    from studylib.toy.plots import plot_consistency
+
+    n = np.array([64, 128, 256])
+    summary = pd.concat(
+        [pd.DataFrame({"setting": "S1", "method": m, "n": n, "kl_mean": v, "kl_sd": 0.01})
+         for m, v in (("DPO (beta=1)", [0.1, 0.08, 0.07]), ("KTO (beta=1)", [0.1, 0.5, 1.6]))]
+    )  # fmt: skip
+    slopes = pd.DataFrame({"method": ["DPO (beta=1)", "KTO (beta=1)"], "slope": [-0.2, 0.4], "min_n": 64})
+    limits = pd.DataFrame({"method": ["DPO (beta=1)", "KTO (beta=1)"], "kl_limit": [0.07, 7.4]})
+    ax = plot_consistency(summary, slopes, limits).axes[0]
+    dashed = sorted(float(line.get_ydata()[0]) for line in ax.lines if line.get_linestyle() == "--"
+                    and len(set(line.get_ydata())) == 1)  # fmt: skip
+    assert dashed == pytest.approx([0.07, 7.4])
+    assert ax.get_ylim()[1] > 7.4

@@ -7,6 +7,12 @@
 Notebook 04's parameters cell, a study YAML and ``python -m studylib train --params run.json`` are flat: a flat
 mapping is placed into the parts by field name (``RunConfig.from_flat``), each name living in exactly one part,
 and a name that no part has is an error naming it (with the accepted names). Nothing is copied field by field.
+
+Relative paths: every path knob (``results_dir``, ``dataset_path``, ``eval_dataset_path``, a local ``model``) is
+relative to the working directory of the process that runs the config, as a path given to any command-line tool is:
+``python -m studylib train --params run.json`` run from a folder reads its data from there and writes its results
+there, never into the library's checkout. The study runner runs its notebooks with the repository root as working
+directory, so a study YAML's paths are relative to the root (``studylib.study.load_study``).
 """
 
 from __future__ import annotations
@@ -15,11 +21,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studylib.checks import ALSO_ACCEPTED, UserError, check_like_default
+from studylib.checks import ALSO_ACCEPTED, UserError, check_like_default, plain_name
 from studylib.families import family_of
 from studylib.lm.lora import LORA_TARGETS
 from studylib.losses import LOSSES, Loss, build_loss
@@ -208,7 +215,7 @@ class RunConfig:
                 f"{given} is given but dataset is 'offline' (the project's synthetic set), so the file would not be "
                 f"used: set dataset to the file's schema ({', '.join(d for d in DATASETS if d != 'offline')})"
             )
-        if self.run_name is not None and not _plain_folder_name(self.run_name):
+        if self.run_name is not None and not plain_name(self.run_name):
             raise UserError(
                 f"run_name must be one plain folder name inside results_dir (no '/', '\\', '..' or absolute path), "
                 f"got {self.run_name!r}"
@@ -301,7 +308,7 @@ class RunConfig:
             ("seed", 0 <= knobs["seed"] < 2**32, "in [0, 2**32)"),
             ("data_seed", 0 <= knobs["data_seed"] < 2**32, "in [0, 2**32)"),
             ("max_train_rows", knobs["max_train_rows"] is None or knobs["max_train_rows"] >= 1, ">= 1 (or None)"),
-            ("results_dir", bool(str(knobs["results_dir"]).strip()), "a folder (empty is the repository's root)"),
+            ("results_dir", bool(str(knobs["results_dir"]).strip()), "a folder (empty is the working directory)"),
             ("warmup_ratio", knobs["max_steps"] < 1 or math.ceil(knobs["warmup_ratio"] * knobs["max_steps"])
              < knobs["max_steps"], f"small enough that some of the {knobs['max_steps']} steps leave warm-up "
              "(a step in warm-up from 0 has learning rate 0)"),
@@ -361,10 +368,9 @@ class RunConfig:
         return f"{self.data.dataset}-{self.loss}{knobs}{online}-seed={self.train.seed}-{self.identity_hash()}"
 
     def run_dir(self) -> Path:
-        """Where the run's results go (relative paths: from the repository root)."""
-        from studylib.results import resolve
-
-        return resolve(self.results_dir) / self.name()
+        """Where the run's results go: ``results_dir`` (relative: to the working directory, as every path knob; see
+        the module's docstring) and the run's name."""
+        return Path(os.path.abspath(Path(self.results_dir).expanduser())) / self.name()
 
     def checkpoint_dir(self) -> Path:
         """Where training checkpoints go: an interrupted run resumes from them."""
@@ -394,11 +400,6 @@ def _check_training_args_values(training_args: dict[str, Any]) -> None:
         if field_name in training_args and training_args[field_name] not in {e.value for e in enum}:
             allowed = ", ".join(sorted(e.value for e in enum))
             raise UserError(f"training_args: {field_name} {training_args[field_name]!r} is not one of {allowed}")
-
-
-def _plain_folder_name(name: str) -> bool:
-    """A name that stays one level inside its parent folder: not empty, no separator, not ``.`` or ``..``."""
-    return bool(name) and name not in (".", "..") and not any(sep in name for sep in ("/", "\\", "\0"))
 
 
 def _check_types(knobs: dict[str, Any], defaults: dict[str, Any]) -> None:

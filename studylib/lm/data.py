@@ -72,6 +72,8 @@ def _read_raw(source: str | Path, split: str) -> tuple[Dataset, str]:
     if path.suffix in _SUFFIX_BUILDER:
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {path}")
+        if path.suffix != ".parquet":
+            _check_json_text(path)
         try:
             ds = datasets.load_dataset(_SUFFIX_BUILDER[path.suffix], data_files=str(path), split="train")
         except Exception as err:  # noqa: BLE001 - Arrow raises many types on inconsistent rows
@@ -85,6 +87,33 @@ def _read_raw(source: str | Path, split: str) -> tuple[Dataset, str]:
             f"the Hugging Face hub is unreachable or has no such data set ({type(err).__name__}: {err}). "
             f"Connect to the internet, or pass a local file in the same schema."
         ) from err
+
+
+def _check_json_text(path: Path) -> None:
+    """A ``.json`` or ``.jsonl`` file must be UTF-8 text, and parse whole (one JSON document) or line by line (JSON
+    Lines): else a ``SchemaError`` naming the file and the line (Arrow's own error names neither)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise SchemaError(
+            f"file {path}: line {line} is not UTF-8 text (byte {data[err.start]:#04x}): save the file as UTF-8"
+        ) from None
+    if path.suffix == ".json":
+        try:
+            json.loads(text)
+            return
+        except ValueError:
+            pass  # JSON Lines, then
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SchemaError(
+                    f"file {path}: line {number} is not valid JSON ({err.msg}, column {err.colno})"
+                ) from None
 
 
 def _need_columns(ds: Dataset, columns: Sequence[str], where: str) -> None:

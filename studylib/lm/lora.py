@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -24,7 +25,8 @@ def add_lora(
     """``model`` wrapped with fresh LoRA adapters on the ``target_modules`` it has (``alpha`` defaults to ``2 r``).
 
     ``seed``: the adapters' initial weights are drawn under this seed with the caller's random state left as it
-    was; None draws from the current torch random state. ``task_type`` None for a bare backbone (no LM head).
+    was; None draws from the current torch random state. ``task_type`` None for a bare backbone (no LM head). Its
+    ``save_pretrained`` saves the adapters without the base model's embeddings, so it never looks up the hub.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -42,10 +44,15 @@ def add_lora(
         task_type=task_type,
     )
     if seed is None:
-        return get_peft_model(model, config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return get_peft_model(model, config)
+        wrapped = get_peft_model(model, config)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            wrapped = get_peft_model(model, config)
+    # peft's save_pretrained asks the hub whether the base model's vocabulary was resized (save_embedding_layers
+    # "auto"), trying the network and warning on every saved run; a run never resizes it: save the adapters alone
+    wrapped.save_pretrained = functools.partial(wrapped.save_pretrained, save_embedding_layers=False)
+    return wrapped
 
 
 def has_adapters(model: nn.Module) -> bool:

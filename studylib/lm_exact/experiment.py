@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import Tensor
 
 from studylib.lm_exact.candidates import category_ids
@@ -29,7 +30,7 @@ from studylib.lm_exact.objectives import (
     population_cells,
     sample_cells,
 )
-from studylib.lm_exact.policy import reference_log_probs
+from studylib.lm_exact.policy import AnswerSetPolicy, reference_log_probs
 from studylib.lm_exact.prompts import load_candidates, load_prompts
 from studylib.lm_exact.targets import LMSetting, lm_setting
 from studylib.lm_exact.train import TrainSettings, objective_value, policy_log_probs, train_policy
@@ -47,6 +48,15 @@ class Prepared:
     log_ref: dict[str, Tensor]
     settings: dict[str, LMSetting]
     seconds: dict[str, float]
+
+
+def frozen_pass_precision(bf16: bool | str) -> tuple[bool, str]:
+    """Whether the one frozen forward pass (on the CPU: ``features.answer_features``) runs under bf16 autocast, and
+    why: True or False as given; "auto" bf16 only where this CPU runs it natively, the rule of the LM runs'
+    ``bf16: auto`` (``studylib.lm.runtime.choose_precision``)."""
+    from studylib.lm.runtime import choose_precision
+
+    return choose_precision(bf16, torch.device("cpu"))
 
 
 def prepare(
@@ -182,6 +192,18 @@ def loss_kinds(prepared: Prepared, guard_eps: float = 1e-2) -> pd.DataFrame:
                 {"setting": name, "method": method.label, "loss": method.loss, "kind": cls.kind, "knobs": knobs}
             )
     return pd.DataFrame(rows)
+
+
+def adapter_size(prepared: Prepared, lora_r: int) -> str:
+    """One sentence: the adapter's trainable parameters (``AnswerSetPolicy`` of rank ``lora_r``) against the
+    (prompt, candidate) cells of the training prompts, the data's degrees of freedom."""
+    policy = AnswerSetPolicy.for_features(prepared.features["train"], r=lora_r)
+    parameters = sum(p.numel() for p in policy.parameters())
+    prompts, candidates = prepared.features["train"].head.shape[:2]
+    return (
+        f"The adapter (rank {lora_r}) has {parameters:,} trainable parameters for {prompts * candidates:,} training "
+        f"cells ({prompts} prompts x {candidates} candidates)."
+    )
 
 
 def reference_summary(prepared: Prepared) -> pd.DataFrame:

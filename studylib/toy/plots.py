@@ -160,12 +160,14 @@ def plot_loss_shapes(curves: pd.DataFrame, alpha: float) -> Figure:
 
 def plot_consistency(summary: pd.DataFrame, slopes: pd.DataFrame, limits: pd.DataFrame | None = None) -> Figure:
     """T3 for one setting: seed-mean KL (band: +- 1 sd over seeds) against n on log-log axes, the fitted slope in
-    the legend, each method's infinite-data limit dashed (when inside the plotted range), and a 1/n guide over
-    the sizes the slope is fitted on (shaded)."""
+    the legend, each method's infinite-data limit dashed (every limit above 1e-6: the axis reaches the largest, so
+    a limit far above the curves, KTO's, is drawn too), and a 1/n guide over the sizes the slope is fitted on
+    (shaded)."""
     setting = summary["setting"].iloc[0]
     fig, ax = plt.subplots(figsize=(8.5, 5.4))
     dashes = ["-", "--", "-", "-.", "-", ":"]
-    top = summary["kl_mean"].max() * 2
+    shown = limits[limits["method"].isin(summary["method"])]["kl_limit"] if limits is not None else pd.Series([])
+    top = max([summary["kl_mean"].max(), *shown[shown > 1e-6]]) * 2
     for i, (method, group) in enumerate(summary.groupby("method", sort=False)):
         colour, marker = style(method)["color"], style(method)["marker"]
         slope = slopes.loc[slopes["method"] == method, "slope"]
@@ -184,7 +186,7 @@ def plot_consistency(summary: pd.DataFrame, slopes: pd.DataFrame, limits: pd.Dat
         ax.fill_between(n, np.maximum(mean - sd, mean * 0.2), mean + sd, color=colour, alpha=0.12, lw=0)
         if limits is not None:
             limit = limits.loc[limits["method"] == method, "kl_limit"]
-            if len(limit) and 1e-6 < limit.iloc[0] < top:
+            if len(limit) and limit.iloc[0] > 1e-6:
                 ax.axhline(limit.iloc[0], color=colour, ls="--", lw=1)
     n = np.asarray(sorted(summary["n"].unique()), float)
     min_n = int(slopes["min_n"].iloc[0]) if len(slopes) else int(n[0])
@@ -197,6 +199,7 @@ def plot_consistency(summary: pd.DataFrame, slopes: pd.DataFrame, limits: pd.Dat
     if limits is not None:  # and with an infinite-data limit of 0: consistent, not merely falling for now
         falling = [m for m in falling if limits.loc[limits["method"] == m, "kl_limit"].le(1e-8).all()]
     finding = f"converging (limit 0, slope < -0.5): {', '.join(falling)}" if falling else "no method converges"
+    ax.set_ylim(top=top)
     ax.set(xlabel="n, data set size (pairs in S1 and S3, rows in S2)", ylabel=KL_UNIT, title=f"{setting}: {finding}")
     ax.title.set_fontsize(10)
     ax.grid(alpha=0.3, which="both")
