@@ -494,6 +494,14 @@ def is_complete(run: Run, stamp: Path, out_dir: Path) -> bool:
     return isinstance(record.get("sources"), dict) and not provenance.changed_sources(record["sources"], ROOT)
 
 
+def _record(path: str) -> bool:
+    """Whether ``path`` is a study runner's record (``study-<profile>.json``): never a run's source, since the
+    runner rewrites it as each run ends (the report's own entry included); the run folders it names are read, and
+    those files are the report's sources."""
+    name = Path(path).name
+    return name.startswith("study-") and name.endswith(".json")
+
+
 def is_current(run: Run, entry: Mapping[str, Any] | None, out_dir: Path) -> bool:
     """A run whose recorded result (its ``entry`` in ``study-<profile>.json``, committed) is up to date: made with
     these parameters from sources that have not changed since (``provenance.stale_reasons``), its executed notebook
@@ -627,7 +635,7 @@ def run_study(
             _export_html(path)
         seconds = round(time.time() - t0, 1)
         outputs = sorted(_shown(p) for p, m in _mtimes(results).items() if before.get(p) != m)
-        sources = provenance.run_sources(run.notebook, outputs, ROOT)
+        sources = {p: h for p, h in provenance.run_sources(run.notebook, outputs, ROOT).items() if not _record(p)}
         record = {"parameters": run.parameters, "seconds": seconds, "commit": commit, "outputs": outputs}
         write_atomic(stamp, json.dumps(record | {"sources": sources}, indent=2))
         previous[run.name] = {"notebook": run.notebook, "status": "executed", "seconds": seconds, "commit": commit}

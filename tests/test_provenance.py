@@ -150,3 +150,15 @@ def test_a_fresh_clone_skips_a_current_committed_result_and_reruns_a_stale_one(s
     assert study.run_study("t", results_dir=results, html=False) == ["job"]  # stale: rerun
     assert study.stale_runs("t", results) == {}
     assert study.run_study("t", results_dir=results, html=False, force=True) == ["job"]
+
+
+def test_the_runners_own_record_is_never_a_source(sandbox, monkeypatch):  # noqa: F811
+    """The report reads study-<profile>.json, which the runner rewrites as each run ends (the report's own entry
+    too): were it a source, the report would be stale the moment it was recorded."""
+    write_profile(sandbox, [{"notebook": "job", "parameters": {"out": str(sandbox / "m.txt")}}])
+    read = {"results/study-t.json": "0" * 64, "results/lm/run/metrics.json": "1" * 64}
+    monkeypatch.setattr(provenance, "run_sources", lambda notebook, outputs, root: dict(read))
+    results = sandbox / "results"
+    study.run_study("t", results_dir=results, html=False)
+    entry = json.loads((results / "study-t.json").read_text())["runs"]["job"]
+    assert entry["sources"] == {"results/lm/run/metrics.json": "1" * 64}
