@@ -107,15 +107,15 @@ def run_docs(check: bool) -> int:
 def print_stale(profile: str, results_dir: str | None) -> int:
     """``--stale``: each run of the profile whose committed result no longer matches its sources, with why, and
     the runs whose time was measured on another machine; exit 0 either way (``make study`` reruns the stale)."""
-    from studylib.study import elsewhere, load_study, stale_runs
+    from studylib.study import elsewhere, recorded_runs, stale_runs
 
-    runs = load_study(profile, results_dir)[1]
-    stale = stale_runs(profile, results_dir)
+    runs, recorded = recorded_runs(profile, results_dir)
+    stale = stale_runs(runs, recorded)
     print(f"profile {profile}: {len(stale)} of {len(runs)} runs stale")
     for name, reasons in stale.items():
         shown = reasons if len(reasons) <= 6 else [*reasons[:5], f"and {len(reasons) - 5} more"]
         print(f"  {name}: " + "; ".join(shown))
-    other = elsewhere(profile, results_dir)
+    other = elsewhere(runs, recorded)
     if other:
         print(f"{len(other)} run(s) were timed on another machine than this one:")
         for name, label in other.items():

@@ -238,6 +238,7 @@ class Context(dict):
         self.root = root
         self.results = root / "results"
         self.notes: list[tuple[str, str]] = []
+        self._profiles: dict[str, tuple[list, dict]] = {}
         self.update(
             table=self.table,
             record=self.record,
@@ -267,13 +268,19 @@ class Context(dict):
         it can never claim results current that are not."""
         from studylib.study import stale_runs
 
-        return stale_runs(profile, self.results)
+        return stale_runs(*self._recorded(profile))
 
     def profile_runs(self, profile: str) -> list[str]:
         """The names of a profile's runs, as its study config lists them now."""
-        from studylib.study import load_study
+        return [run.name for run in self._recorded(profile)[0]]
 
-        return [run.name for run in load_study(profile, self.results)[1]]
+    def _recorded(self, profile: str) -> tuple[list, dict]:
+        """A profile's runs and their recorded entries, read once per rendering (``study.recorded_runs``)."""
+        if profile not in self._profiles:
+            from studylib.study import recorded_runs
+
+            self._profiles[profile] = recorded_runs(profile, self.results)
+        return self._profiles[profile]
 
     def hand(self, text: str, origin: str) -> str:
         """A number from no committed table: shown with a footnote mark; ``footnotes()`` says where it is from."""
@@ -292,8 +299,13 @@ def machine_label(recorded: dict | None) -> str:
     """A recorded machine named as ``study-<profile>.json``'s ``seconds_by_machine`` names it."""
     from studylib.study import machine_label as label
 
-    plain = {k: v.value if isinstance(v, Num) else v for k, v in (recorded or {}).items()}
-    return label(plain or None)
+    def plain(value: Any) -> Any:  # a number as JSON held it: 2, not 2.0
+        if not isinstance(value, Num):
+            return value
+        return int(value.value) if value.value.is_integer() else value.value
+
+    plain_record = {k: plain(v) for k, v in (recorded or {}).items()}
+    return label(plain_record or None)
 
 
 def templates(root: Path = ROOT) -> Iterator[tuple[Path, Path]]:

@@ -479,19 +479,16 @@ def is_complete(run: Run, stamp: Path, out_dir: Path) -> bool:
     """A run is complete when this machine ran it with these parameters, every file it wrote is still there, and
     none of its sources (the code, data and tables it read: ``studylib.provenance``) has changed since.
 
-    The stamp (``<run>.done``, never committed) records the parameters, the outputs and the sources; a fresh
-    clone has none, so it runs everything; a deleted output or an edited source makes its run stale, so it is
-    rebuilt.
+    The stamp (``<run>.done``, never committed) records the parameters, the outputs and the sources, as the run's
+    entry in ``study-<profile>.json`` does, and is judged the same way (``is_current``); a deleted output or an
+    edited source makes its run stale, so it is rebuilt.
     """
-    if not stamp.is_file() or not (out_dir / f"{run.name}.ipynb").is_file():
+    if not stamp.is_file():
         return False
     record = json.loads(stamp.read_text())
-    if "outputs" not in record:  # a stamp of the old kind, which knew nothing of outputs: run again
+    if "outputs" not in record or "parameters" not in record:  # a stamp of the old kind: run again
         return False
-    outputs = [ROOT / o for o in record["outputs"]]
-    if record.get("parameters") != run.parameters or not all(o.is_file() and readable(o) for o in outputs):
-        return False
-    return isinstance(record.get("sources"), dict) and not provenance.changed_sources(record["sources"], ROOT)
+    return is_current(run, record | {"status": "executed"}, out_dir)
 
 
 def _record(path: str) -> bool:
@@ -660,13 +657,18 @@ def run_study(
     return executed
 
 
-def stale_runs(profile: str, results_dir: str | Path | None = None) -> dict[str, list[str]]:
-    """Every run of a profile whose committed result no longer matches what would make it now, with the reasons
-    (``provenance.stale_reasons``: never run, sources not recorded, parameters, a changed or missing source or
-    output), read from the committed ``study-<profile>.json``; runs that are current are left out."""
+def recorded_runs(profile: str, results_dir: str | Path | None = None) -> tuple[list[Run], dict[str, dict]]:
+    """A profile's runs as its config lists them now, and their entries in its ``study-<profile>.json`` (empty
+    where none is recorded)."""
     header, runs = load_study(profile, results_dir)
     path = Path(header["results_dir"]) / f"study-{profile}.json"
-    recorded = json.loads(path.read_text()).get("runs", {}) if path.is_file() else {}
+    return runs, json.loads(path.read_text()).get("runs", {}) if path.is_file() else {}
+
+
+def stale_runs(runs: list[Run], recorded: Mapping[str, dict]) -> dict[str, list[str]]:
+    """Every run of ``runs`` whose recorded result (``recorded``, from ``recorded_runs``) no longer matches what
+    would make it now, with the reasons (``provenance.stale_reasons``: never run, sources not recorded, parameters,
+    a changed or missing source or output); runs that are current are left out."""
     stale = {}
     for run in runs:
         reasons = provenance.stale_reasons(run.parameters, recorded.get(run.name), ROOT)
@@ -675,13 +677,10 @@ def stale_runs(profile: str, results_dir: str | Path | None = None) -> dict[str,
     return stale
 
 
-def elsewhere(profile: str, results_dir: str | Path | None = None) -> dict[str, str]:
-    """The runs of a profile whose recorded time was measured on another kind of machine than this one, by run:
-    the machine's label (``machine_label``). A result's numbers do not depend on the processor, except through
-    ``bf16: auto``'s choice of precision, which the label names."""
-    header, runs = load_study(profile, results_dir)
-    path = Path(header["results_dir"]) / f"study-{profile}.json"
-    recorded = json.loads(path.read_text()).get("runs", {}) if path.is_file() else {}
+def elsewhere(runs: list[Run], recorded: Mapping[str, dict]) -> dict[str, str]:
+    """The runs of ``runs`` whose recorded time (``recorded``, from ``recorded_runs``) was measured on another kind
+    of machine than this one, by run: the machine's label (``machine_label``). A result's numbers do not depend on
+    the processor, except through ``bf16: auto``'s choice of precision, which the label names."""
     here = machine_label(machine())
-    labels = {run.name: machine_label(recorded.get(run.name, {}).get("machine")) for run in runs}
-    return {name: label for name, label in labels.items() if label != here and name in recorded}
+    labels = {run.name: machine_label(recorded[run.name].get("machine")) for run in runs if run.name in recorded}
+    return {name: label for name, label in labels.items() if label != here}

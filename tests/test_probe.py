@@ -14,14 +14,13 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from test_nothing_lost import offline  # the tiny offline run its checkpoint tests resume
 
 from studylib import study
 from studylib.__main__ import main
-from studylib.lm.config import RunConfig, TrainConfig
+from studylib.lm.config import RunConfig
 from studylib.lm.experiment import run_experiment
 from studylib.lm.tiny import tiny_model, tiny_tokenizer
-from studylib.lm.trainer import train
-from studylib.losses import build_loss
 
 ROOT = study.ROOT
 UFB_SMALL = ROOT / "tests" / "fixtures" / "ufb_small"
@@ -190,17 +189,6 @@ def test_a_knob_the_model_cannot_hold_is_refused_before_the_run_folder_is_writte
 
 
 # -- a checkpoint whose weights do not read back -------------------------------------------------------------------
-
-PAIRS = [
-    {"prompt_ids": [5, 6], "chosen_ids": [7, 8, 2], "rejected_ids": [9, 2]},
-    {"prompt_ids": [6, 5], "chosen_ids": [8, 8, 2], "rejected_ids": [7, 2]},
-]
-
-
-def offline(output_dir: Path, max_steps: int):
-    tokenizer = tiny_tokenizer()
-    config = TrainConfig(max_steps=max_steps, batch_size=2, save_steps=1, use_lora=False, learning_rate=1e-2)
-    return train(tiny_model(tokenizer), tokenizer, PAIRS, build_loss("dpo"), config, output_dir)
 
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt"])

@@ -146,9 +146,9 @@ def test_a_fresh_clone_skips_a_current_committed_result_and_reruns_a_stale_one(s
     record = json.loads(record_path.read_text())
     record["runs"]["job"]["sources"]["studylib/results.py"] = "0" * 64  # made from another results.py
     record_path.write_text(json.dumps(record))
-    assert study.stale_runs("t", results) == {"job": ["studylib/results.py changed"]}
+    assert study.stale_runs(*study.recorded_runs("t", results)) == {"job": ["studylib/results.py changed"]}
     assert study.run_study("t", results_dir=results, html=False) == ["job"]  # stale: rerun
-    assert study.stale_runs("t", results) == {}
+    assert study.stale_runs(*study.recorded_runs("t", results)) == {}
     assert study.run_study("t", results_dir=results, html=False, force=True) == ["job"]
 
 

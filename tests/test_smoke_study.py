@@ -17,7 +17,7 @@ from watchdog import run_until_stalled
 
 from studylib import provenance
 from studylib.losses import available_losses
-from studylib.study import ROOT, recorded_run_folders, stale_runs
+from studylib.study import ROOT, recorded_run_folders, recorded_runs, stale_runs
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_every_run_records_its_sources_and_none_is_stale(smoke):
         notebook = f"notebooks/{entry['notebook']}.ipynb"
         assert notebook in entry["sources"] and "studylib/results.py" in entry["sources"], name
         assert not any(path in entry["sources"] for path in entry["outputs"])  # what it wrote is not a source
-    assert stale_runs("smoke", results) == {}
+    assert stale_runs(*recorded_runs("smoke", results)) == {}
     (machine,) = summary["seconds_by_machine"].values()  # one machine ran them all: one sum, naming every run
     assert sorted(machine["runs"]) == sorted(summary["runs"])
 
